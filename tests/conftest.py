@@ -137,5 +137,6 @@ def samples(page: str) -> dict[str, float]:
 
 
 def gpu_series(page: str, gpu: int) -> dict[str, float]:
-    return {k: v for k, v in samples(page).items() if f'{{gpu="{gpu}",' in k or k.endswith(f'{{gpu="{gpu}"}}')}
+    """The nvidia_gpu_* samples of one GPU."""
+    return {k: v for k, v in samples(page).items() if k.startswith("nvidia_gpu_") and f'{{gpu="{gpu}",' in k}
 

@@ -1,0 +1,3 @@
+from nvml_exporter.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,124 @@
+"""`nvml-exporter`: flags in Prometheus exporter style, then serve until SIGTERM."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import re
+import signal
+import sys
+import threading
+from collections.abc import Sequence
+from typing import NoReturn
+
+from . import __version__, logs, webconfig
+from .collector import Collector
+from .exposition import BuildInfo
+from .nvml import Library
+from .server import App, Server, parse_listen_address
+
+log = logging.getLogger("nvml_exporter")
+
+_DURATION = re.compile(r"^(?:(\d+(?:\.\d+)?)(ms|s|m|h))+$")
+_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)")
+_UNIT = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def duration(value: str) -> float:
+    """'5s', '500ms', '1m30s' (Prometheus style) or plain seconds -> seconds > 0."""
+    try:
+        seconds = float(value)
+    except ValueError:
+        if not _DURATION.match(value):
+            raise argparse.ArgumentTypeError(f"invalid duration {value!r} (want e.g. 5s, 500ms, 1m)") from None
+        seconds = sum(float(n) * _UNIT[u] for n, u in _PART.findall(value))
+    if not seconds > 0:
+        raise argparse.ArgumentTypeError(f"duration must be positive, got {value!r}")
+    return seconds
+
+
+def listen_address(value: str) -> tuple[str, int]:
+    try:
+        return parse_listen_address(value)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def telemetry_path(value: str) -> str:
+    if not value.startswith("/") or value in ("/", "/-/healthy", "/-/ready"):
+        raise argparse.ArgumentTypeError(f"telemetry path must start with / and not shadow another page: {value!r}")
+    return value
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        # One clear line, exit 2, as Prometheus exporters do for bad flags.
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="nvml-exporter", description="Prometheus exporter for NVIDIA GPU health over NVML.",
+                allow_abbrev=False)
+    p.add_argument("--web.listen-address", dest="listen", type=listen_address, default=":9400",
+                   metavar="ADDR", help="address to listen on (default :9400)")
+    p.add_argument("--web.telemetry-path", dest="path", type=telemetry_path, default="/metrics",
+                   help="path for metrics (default /metrics)")
+    p.add_argument("--web.config.file", dest="web_config", metavar="FILE",
+                   help="exporter-toolkit web config: TLS and basic auth")
+    p.add_argument("--collect.timeout", dest="timeout", type=duration, default=5.0, metavar="DURATION",
+                   help="deadline of a scrape when Prometheus sends none (default 5s)")
+    p.add_argument("--collect.min-interval", dest="min_interval", type=duration, default=1.0, metavar="DURATION",
+                   help="scrapes this close to the last collection are served from it (default 1s)")
+    p.add_argument("--collect.slow-interval", dest="slow_interval", type=duration, default=30.0,
+                   metavar="DURATION",
+                   help="refresh of thresholds, limits, ECC aggregates, retired pages and remapped rows (default 30s)")
+    p.add_argument("--nvml.library", dest="library", metavar="PATH",
+                   help="load this libnvidia-ml.so.1 instead of the one the dynamic linker finds")
+    p.add_argument("--log.level", dest="log_level", choices=sorted(logs.LEVELS), default="info")
+    p.add_argument("--log.format", dest="log_format", choices=("logfmt", "json"), default="logfmt")
+    p.add_argument("--version", action="version", version=f"nvml-exporter {__version__}")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logs.setup(args.log_level, args.log_format)
+    try:
+        web = webconfig.load(args.web_config) if args.web_config else webconfig.WebConfig()
+    except webconfig.WebConfigError as e:
+        parser.error(f"--web.config.file: {e}")
+
+    collector = Collector(Library(args.library), min_interval=args.min_interval,
+                          slow_interval=args.slow_interval)
+    app = App(collect=collector.collect, ready=collector.initialised.is_set, web=web, build=BuildInfo.detect(),
+              telemetry_path=args.path, collect_timeout=args.timeout)
+    host, port = args.listen
+    try:
+        server = Server((host, port), app)
+    except OSError as e:
+        if host == "" and e.errno == 97:  # no IPv6 on this host: all IPv4 addresses then
+            server = Server(("0.0.0.0", port), app)
+        else:
+            print(f"nvml-exporter: error: cannot listen on {host or '*'}:{port}: {e.strerror}", file=sys.stderr)
+            return 1
+
+    def stop(signum: int, _frame: object) -> None:
+        log.info("shutting down", extra={"signal": signal.Signals(signum).name})
+        threading.Thread(target=server.shutdown, daemon=True).start()
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    collector.start()
+    log.info("listening", extra={"address": f"{host or '*'}:{server.server_address[1]}",
+                                  "tls": web.ssl_context is not None, "version": __version__})
+    try:
+        server.serve_forever()
+    finally:
+        collector.stop()
+        server.server_close()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

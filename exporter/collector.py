@@ -1,0 +1,305 @@
+"""Collection: turns NVML into a `Snapshot`, on demand, within a deadline, one GPU's failure at a time.
+
+- A manager thread initialises NVML (retrying with backoff while the library or driver is missing)
+  and re-enumerates GPUs now and then. A scrape never calls NVML itself.
+- Each GPU is read by its own worker thread, so slow driver calls on different GPUs overlap and a
+  hung call holds up only its own GPU. A scrape waits until its deadline, then serves that GPU's last
+  good values and counts the timeout; the hung worker is not asked again until it returns.
+- Single-flight: concurrent scrapes share one collection, and a scrape within `min_interval` of the
+  last collection is served from it.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+from concurrent.futures import Future, wait
+from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import dataclass, field
+
+from .metrics import BY_NAME
+from .nvml import GpuLost, GpuReader, Library, NvmlError, error_name
+from .snapshot import ExporterState, GpuIdentity, GpuSnapshot, Snapshot, Values
+
+log = logging.getLogger("nvml_exporter.collector")
+
+
+class _Worker:
+    """One daemon thread per GPU. Daemon, unlike ThreadPoolExecutor's: a driver call that never
+    returns must not keep the process from exiting on SIGTERM."""
+
+    def __init__(self, name: str):
+        self._queue: queue.SimpleQueue[tuple[Future[None], Callable[[], None]] | None] = queue.SimpleQueue()
+        threading.Thread(target=self._run, name=name, daemon=True).start()
+
+    def submit(self, fn: Callable[[], None]) -> Future[None]:
+        future: Future[None] = Future()
+        self._queue.put((future, fn))
+        return future
+
+    def shutdown(self) -> None:
+        self._queue.put(None)
+
+    def _run(self) -> None:
+        while (item := self._queue.get()) is not None:
+            future, fn = item
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                fn()
+                future.set_result(None)
+            except BaseException as e:  # handed to the collection, which re-raises it
+                future.set_exception(e)
+
+
+@dataclass
+class _Gpu:
+    index: int
+    identity: GpuIdentity
+    worker: _Worker
+    reader: GpuReader | None = None
+    static: Values = field(default_factory=dict)
+    slow: Values = field(default_factory=dict)
+    slow_at: float = float("-inf")
+    last: Values | None = None  # last good values; None while lost
+    up: bool = False
+    errors: dict[str, str] = field(default_factory=dict)
+    duration: float = 0.0
+    inflight: Future[None] | None = None
+
+
+class Collector:
+    def __init__(
+        self,
+        library: Library,
+        *,
+        min_interval: float = 1.0,
+        slow_interval: float = 30.0,
+        rediscover_interval: float = 30.0,
+        init_backoff: tuple[float, float] = (0.5, 10.0),
+        clock: Callable[[], float] = time.monotonic,
+        wall: Callable[[], float] = time.time,
+    ):
+        self._lib = library
+        self._min_interval = min_interval
+        self._slow_interval = slow_interval
+        self._rediscover_interval = rediscover_interval
+        self._init_backoff = init_backoff
+        self._clock = clock
+        self._wall = wall
+        self._lock = threading.Lock()
+        self._gpus: list[_Gpu] = []
+        self._nvml_up = False
+        self._driver_version = ""
+        self._errors: Counter[tuple[str, str]] = Counter()
+        self._timeouts: Counter[str] = Counter()
+        self._invalid: Counter[str] = Counter()
+        self._last: Snapshot | None = None
+        self._inflight: Future[Snapshot] | None = None
+        self._stop = threading.Event()
+        self._manager: threading.Thread | None = None
+        self.initialised = threading.Event()  # NVML came up at least once (readiness)
+        self.tried = threading.Event()  # the first init attempt finished, either way
+
+    # -- lifecycle -------------------------------------------------------------------------------
+    def start(self) -> None:
+        self._manager = threading.Thread(target=self._manage, name="nvml-manager", daemon=True)
+        self._manager.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        with self._lock:
+            gpus = list(self._gpus)
+        for g in gpus:
+            g.worker.shutdown()
+
+    def _manage(self) -> None:
+        delay, max_delay = self._init_backoff
+        while not self._stop.is_set():
+            try:
+                self._lib.init()
+                self._driver_version = self._lib.driver_version()
+                break
+            except NvmlError as e:
+                self._count_error(e.function, e.code)
+                log.warning("NVML not available, retrying", extra={"error": str(e), "retry_in_s": delay})
+            finally:
+                self.tried.set()
+            if self._stop.wait(delay):
+                return
+            delay = min(delay * 2, max_delay)
+        log.info("NVML initialised", extra={"driver_version": self._driver_version})
+        self._rediscover()
+        with self._lock:
+            self._nvml_up = True
+        self.initialised.set()
+        while not self._stop.wait(self._rediscover_interval):
+            self._rediscover()
+
+    def _rediscover(self) -> None:
+        """Add GPUs that enumeration shows and we do not track yet. GPUs that vanish are kept:
+        they stay `up 0` until the exporter restarts, which is what an operator must see."""
+        try:
+            count = self._lib.device_count()
+        except NvmlError as e:
+            self._count_error(e.function, e.code)
+            return
+        with self._lock:
+            known = len(self._gpus)
+            for index in range(known, count):
+                worker = _Worker(f"gpu{index}")
+                self._gpus.append(_Gpu(index=index, identity=GpuIdentity(index=index, uuid=""), worker=worker))
+        if count != known:
+            log.info("GPUs enumerated", extra={"count": count})
+
+    # -- errors ----------------------------------------------------------------------------------
+    def _count_error(self, function: str, code: int) -> None:
+        with self._lock:
+            self._errors[(function, error_name(code))] += 1
+
+    # -- one GPU ---------------------------------------------------------------------------------
+    def _read_gpu(self, gpu: _Gpu) -> None:
+        started = self._clock()
+        errors: dict[str, str] = {}
+
+        def sink(function: str, code: int) -> None:
+            errors[function] = error_name(code)
+            self._count_error(function, code)
+
+        try:
+            if gpu.reader is None:
+                self._attach(gpu, sink)
+            reader = gpu.reader
+            assert reader is not None
+            if started - gpu.slow_at >= self._slow_interval:
+                gpu.slow = reader.read_slow()
+                gpu.slow_at = started
+            fast = reader.read_fast()
+            values: Values = {}
+            for part in (gpu.static, gpu.slow, fast):
+                for name, series in part.items():
+                    values.setdefault(name, {}).update(series)
+            values = self._sanitize(values)
+            with self._lock:
+                gpu.last, gpu.up = values, True
+        except GpuLost as e:
+            if gpu.up or gpu.reader is not None:
+                log.error("GPU lost", extra={"gpu": gpu.index, "uuid": gpu.identity.uuid, "error": str(e)})
+            with self._lock:
+                gpu.reader, gpu.last, gpu.up = None, None, False
+        except NvmlError as e:
+            # The handle could not be had at all (not found, no permission): the GPU is down, not lost.
+            sink(e.function, e.code)
+            with self._lock:
+                gpu.reader, gpu.last, gpu.up = None, None, False
+        finally:
+            with self._lock:
+                gpu.errors = errors
+                gpu.duration = self._clock() - started
+
+    def _attach(self, gpu: _Gpu, sink: Callable[[str, int], None]) -> None:
+        """Get a handle (by UUID once we know it, so a GPU that returns is the same board) and read
+        what does not change."""
+        uuid = gpu.identity.uuid
+        handle = self._lib.handle_by_uuid(uuid) if uuid else self._lib.handle_by_index(gpu.index)
+        reader = GpuReader(handle, sink)
+        identity = reader.read_identity()
+        if identity.index < 0:
+            identity = GpuIdentity(**{**identity.__dict__, "index": gpu.index})
+        static = reader.read_static()
+        with self._lock:
+            was_lost = bool(gpu.identity.uuid)
+            gpu.identity, gpu.static, gpu.reader, gpu.slow_at = identity, static, reader, float("-inf")
+        if was_lost:
+            log.warning("GPU is back", extra={"gpu": identity.index, "uuid": identity.uuid})
+
+    def _sanitize(self, values: Values) -> Values:
+        """Drop sentinel and impossible readings (0xFFFFFFFF °C and the like) and count them."""
+        for name, series in values.items():
+            low, high = BY_NAME[name].valid
+            bad = [labels for labels, v in series.items() if not low <= v <= high]
+            for labels in bad:
+                del series[labels]
+                with self._lock:
+                    self._invalid[name] += 1
+                log.warning("dropped impossible reading", extra={"metric": name, "labels": labels})
+        return {k: v for k, v in values.items() if v}
+
+    # -- collections -----------------------------------------------------------------------------
+    def collect(self, timeout: float) -> Snapshot:
+        """A snapshot no older than min_interval, returned within `timeout` seconds."""
+        deadline = self._clock() + timeout
+        with self._lock:
+            last = self._last
+            if last is not None and self._clock() - last.taken_at < self._min_interval:
+                return last
+            leader = self._inflight is None
+            if leader:
+                self._inflight = Future()
+            flight = self._inflight
+            assert flight is not None
+        if not leader:
+            try:
+                return flight.result(timeout=max(0.0, deadline - self._clock()))
+            except FutureTimeout:
+                return last if last is not None else self._snapshot(set())
+        try:
+            snap = self._collect(deadline)
+            flight.set_result(snap)
+            return snap
+        except BaseException as e:
+            flight.set_exception(e)
+            raise
+        finally:
+            with self._lock:
+                self._inflight = None
+
+    def _collect(self, deadline: float) -> Snapshot:
+        with self._lock:
+            gpus = list(self._gpus)
+        pending: dict[int, Future[None]] = {}
+        for gpu in gpus:
+            if gpu.inflight is None or gpu.inflight.done():
+                gpu.inflight = gpu.worker.submit(lambda gpu=gpu: self._read_gpu(gpu))
+            pending[gpu.index] = gpu.inflight
+        done, _ = wait(pending.values(), timeout=max(0.0, deadline - self._clock()))
+        stale = {index for index, f in pending.items() if f not in done}
+        for f in done:
+            f.result()  # surface a bug in a reader rather than serve silently wrong data
+        with self._lock:
+            for index in stale:
+                self._timeouts[str(index)] += 1
+        if stale:
+            log.warning("GPU collection missed the deadline; serving last good values",
+                        extra={"gpus": sorted(stale)})
+        snap = self._snapshot(stale)
+        with self._lock:
+            self._last = snap
+        return snap
+
+    def _snapshot(self, stale: set[int]) -> Snapshot:
+        with self._lock:
+            gpus = tuple(
+                GpuSnapshot(
+                    identity=g.identity,
+                    up=g.up,
+                    values=g.last or {},
+                    errors=dict(g.errors),
+                    stale=g.index in stale,
+                    collect_seconds=g.duration,
+                )
+                for g in self._gpus
+            )
+            state = ExporterState(
+                nvml_up=self._nvml_up,
+                driver_version=self._driver_version,
+                nvml_errors=dict(self._errors),
+                timeouts=dict(self._timeouts),
+                invalid_readings=dict(self._invalid),
+                last_collect_timestamp=self._wall(),
+            )
+        return Snapshot(gpus=gpus, state=state, taken_at=self._clock())

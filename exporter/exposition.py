@@ -1,0 +1,124 @@
+"""Snapshot -> Prometheus text format 0.0.4, as a pure function.
+
+Label strings are built once per GPU and per label set and reused, so a scrape costs a dictionary
+walk and string joins, not a generic object model per sample.
+"""
+
+from __future__ import annotations
+
+import math
+import platform
+from collections.abc import Iterator
+from dataclasses import dataclass
+from functools import lru_cache
+
+from . import __version__
+from .metrics import ALL_METRICS, BY_NAME, Metric
+from .nvml import bindings_version
+from .snapshot import GpuSnapshot, Snapshot
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+
+@dataclass(frozen=True)
+class BuildInfo:
+    version: str = __version__
+    pynvml_version: str = ""
+    python_version: str = platform.python_version()
+
+    @classmethod
+    def detect(cls) -> BuildInfo:
+        return cls(pynvml_version=bindings_version())
+
+
+def escape(value: str) -> str:
+    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+def format_value(v: float) -> str:
+    if v != v:
+        return "NaN"
+    if math.isinf(v):
+        return "+Inf" if v > 0 else "-Inf"
+    if v.is_integer() and abs(v) < 2**53:
+        return str(int(v))
+    return repr(v)
+
+
+@lru_cache(maxsize=4096)
+def _gpu_labels(index: int, uuid: str) -> str:
+    return f'gpu="{index}",uuid="{escape(uuid)}"'
+
+
+@lru_cache(maxsize=16384)
+def _extra_labels(metric: str, values: tuple[str, ...]) -> str:
+    names = BY_NAME[metric].labels
+    return "".join(f',{n}="{escape(v)}"' for n, v in zip(names, values, strict=True))
+
+
+def _labelset(metric: Metric, values: tuple[str, ...]) -> str:
+    return "{" + ",".join(f'{n}="{escape(v)}"' for n, v in zip(metric.labels, values, strict=True)) + "}"
+
+
+def _gpu_samples(metric: Metric, gpus: tuple[GpuSnapshot, ...], driver: str) -> Iterator[str]:
+    name = metric.name
+    if name == "nvidia_gpu_info":
+        for g in gpus:
+            i = g.identity
+            if not i.uuid:
+                continue
+            vals = (i.name, i.pci_bus_id, i.serial, i.vbios_version, i.minor_number, driver)
+            yield f"{name}{{{_gpu_labels(i.index, i.uuid)}{_extra_labels(name, vals)}}} 1\n"
+        return
+    if name == "nvidia_gpu_up":
+        for g in gpus:
+            yield f"{name}{{{_gpu_labels(g.identity.index, g.identity.uuid)}}} {1 if g.up else 0}\n"
+        return
+    for g in gpus:
+        series = g.values.get(name)
+        if not series:
+            continue
+        base = _gpu_labels(g.identity.index, g.identity.uuid)
+        for labels, v in series.items():
+            extra = _extra_labels(name, labels) if labels else ""
+            yield f"{name}{{{base}{extra}}} {format_value(v)}\n"
+
+
+def _exporter_samples(metric: Metric, snap: Snapshot, build: BuildInfo) -> Iterator[str]:
+    s = snap.state
+    series: list[tuple[tuple[str, ...], float]]
+    match metric.name:
+        case "nvml_exporter_build_info":
+            series = [((build.version, build.pynvml_version, build.python_version), 1.0)]
+        case "nvml_exporter_nvml_up":
+            series = [((), 1.0 if s.nvml_up else 0.0)]
+        case "nvml_exporter_collect_duration_seconds":
+            series = [((str(g.identity.index),), g.collect_seconds) for g in snap.gpus]
+        case "nvml_exporter_collect_timeouts_total":
+            # Every GPU gets a series from the start, so the first timeout is an increase().
+            series = [((str(g.identity.index),), float(s.timeouts.get(str(g.identity.index), 0))) for g in snap.gpus]
+        case "nvml_exporter_nvml_errors_total":
+            series = [(key, float(n)) for key, n in sorted(s.nvml_errors.items())]
+        case "nvml_exporter_invalid_readings_total":
+            series = [((m,), float(n)) for m, n in sorted(s.invalid_readings.items())]
+        case "nvml_exporter_last_collect_timestamp_seconds":
+            series = [((), s.last_collect_timestamp)] if s.last_collect_timestamp else []
+        case _:
+            raise KeyError(metric.name)
+    for labels, v in series:
+        yield f"{metric.name}{_labelset(metric, labels) if labels else ''} {format_value(v)}\n"
+
+
+def render(snap: Snapshot, build: BuildInfo) -> bytes:
+    out: list[str] = []
+    driver = snap.state.driver_version
+    for metric in ALL_METRICS:
+        if metric.per_gpu:
+            samples = list(_gpu_samples(metric, snap.gpus, driver))
+        else:
+            samples = list(_exporter_samples(metric, snap, build))
+        if not samples:
+            continue
+        out.append(f"# HELP {metric.name} {metric.help}\n# TYPE {metric.name} {metric.type}\n")
+        out.extend(samples)
+    return "".join(out).encode()

@@ -1,0 +1,166 @@
+"""The metric contract: one table that names every family, its type, unit, labels and help.
+
+Exposition, the docs (docs/metrics.md) and the tests all read this table, so a metric is added here once.
+Per-GPU families carry the labels `gpu` and `uuid` in addition to `labels`.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+
+GAUGE = "gauge"
+COUNTER = "counter"
+
+
+@dataclass(frozen=True)
+class Metric:
+    name: str
+    type: str
+    help: str
+    labels: tuple[str, ...] = ()
+    source: str = ""
+    per_gpu: bool = True
+    # Values outside [low, high] are NVML sentinels or impossible readings: dropped and counted.
+    valid: tuple[float, float] = (float("-inf"), float("inf"))
+
+
+RATIO = (0.0, 1.0)
+CELSIUS = (-60.0, 250.0)
+NON_NEGATIVE = (0.0, float("inf"))
+
+GPU_METRICS: tuple[Metric, ...] = (
+    Metric("nvidia_gpu_info", GAUGE, "GPU identity; always 1.",
+           ("name", "pci_bus_id", "serial", "vbios_version", "minor_number", "driver_version"),
+           "nvmlDeviceGetName/Serial/VbiosVersion/PciInfo/MinorNumber, nvmlSystemGetDriverVersion"),
+    Metric("nvidia_gpu_up", GAUGE, "1 if the GPU answered this collection, 0 if it is lost or failing.",
+           source="collection outcome", valid=RATIO),
+    Metric("nvidia_gpu_temperature_celsius", GAUGE, "GPU core temperature.",
+           source="nvmlDeviceGetTemperature", valid=CELSIUS),
+    Metric("nvidia_gpu_memory_temperature_celsius", GAUGE, "HBM memory temperature.",
+           source="field 82 MEMORY_TEMP", valid=CELSIUS),
+    Metric("nvidia_gpu_temperature_threshold_celsius", GAUGE,
+           "The GPU's own temperature thresholds (shutdown, slowdown, gpu_max, memory_max).",
+           ("threshold",), "nvmlDeviceGetTemperatureThreshold", valid=CELSIUS),
+    Metric("nvidia_gpu_power_watts", GAUGE, "Power draw (averaged over 1 s by the driver on Ampere and later).",
+           source="nvmlDeviceGetPowerUsage", valid=(0.0, 10000.0)),
+    Metric("nvidia_gpu_power_limit_watts", GAUGE, "Power limit the driver enforces now.",
+           source="nvmlDeviceGetEnforcedPowerLimit", valid=(0.0, 10000.0)),
+    Metric("nvidia_gpu_power_default_limit_watts", GAUGE, "Default power limit of the board.",
+           source="nvmlDeviceGetPowerManagementDefaultLimit", valid=(0.0, 10000.0)),
+    Metric("nvidia_gpu_energy_joules_total", COUNTER, "Energy used since the driver was loaded.",
+           source="field 83 TOTAL_ENERGY_CONSUMPTION", valid=NON_NEGATIVE),
+    Metric("nvidia_gpu_fan_speed_ratio", GAUGE, "Fan speed as a fraction of its maximum (absent on passive boards).",
+           ("fan",), "nvmlDeviceGetFanSpeed_v2", valid=(0.0, 1.0)),
+    Metric("nvidia_gpu_clock_hertz", GAUGE, "Current clock frequency.",
+           ("clock",), "nvmlDeviceGetClockInfo", valid=(0.0, 1e11)),
+    Metric("nvidia_gpu_clock_max_hertz", GAUGE, "Maximum clock frequency.",
+           ("clock",), "nvmlDeviceGetMaxClockInfo", valid=(0.0, 1e11)),
+    Metric("nvidia_gpu_utilization_ratio", GAUGE, "Fraction of the last sample period a kernel was running.",
+           source="nvmlDeviceGetUtilizationRates", valid=RATIO),
+    Metric("nvidia_gpu_memory_utilization_ratio", GAUGE,
+           "Fraction of the last sample period device memory was read or written.",
+           source="nvmlDeviceGetUtilizationRates", valid=RATIO),
+    Metric("nvidia_gpu_encoder_utilization_ratio", GAUGE, "Video encoder utilization.",
+           source="nvmlDeviceGetEncoderUtilization", valid=RATIO),
+    Metric("nvidia_gpu_decoder_utilization_ratio", GAUGE, "Video decoder utilization.",
+           source="nvmlDeviceGetDecoderUtilization", valid=RATIO),
+    Metric("nvidia_gpu_memory_total_bytes", GAUGE, "Total device memory.",
+           source="nvmlDeviceGetMemoryInfo_v2", valid=NON_NEGATIVE),
+    Metric("nvidia_gpu_memory_used_bytes", GAUGE, "Device memory used by allocations.",
+           source="nvmlDeviceGetMemoryInfo_v2", valid=NON_NEGATIVE),
+    Metric("nvidia_gpu_memory_free_bytes", GAUGE, "Device memory free.",
+           source="nvmlDeviceGetMemoryInfo_v2", valid=NON_NEGATIVE),
+    Metric("nvidia_gpu_memory_reserved_bytes", GAUGE, "Device memory reserved by the driver and firmware.",
+           source="nvmlDeviceGetMemoryInfo_v2", valid=NON_NEGATIVE),
+    Metric("nvidia_gpu_performance_state", GAUGE, "Performance state: 0 (P0, fastest) to 15; 32 unknown.",
+           source="nvmlDeviceGetPerformanceState", valid=(0.0, 32.0)),
+    Metric("nvidia_gpu_persistence_mode", GAUGE, "1 if persistence mode is enabled.",
+           source="nvmlDeviceGetPersistenceMode", valid=RATIO),
+    Metric("nvidia_gpu_pcie_link_generation", GAUGE, "Current PCIe link generation.",
+           source="nvmlDeviceGetCurrPcieLinkGeneration", valid=(1.0, 16.0)),
+    Metric("nvidia_gpu_pcie_link_max_generation", GAUGE, "Maximum PCIe link generation of the GPU.",
+           source="nvmlDeviceGetMaxPcieLinkGeneration", valid=(1.0, 16.0)),
+    Metric("nvidia_gpu_pcie_link_width", GAUGE, "Current PCIe link width (lanes).",
+           source="nvmlDeviceGetCurrPcieLinkWidth", valid=(1.0, 64.0)),
+    Metric("nvidia_gpu_pcie_link_max_width", GAUGE, "Maximum PCIe link width (lanes).",
+           source="nvmlDeviceGetMaxPcieLinkWidth", valid=(1.0, 64.0)),
+    Metric("nvidia_gpu_pcie_replay_errors_total", COUNTER, "PCIe replays since the driver was loaded.",
+           source="field 94 PCIE_REPLAY_COUNTER", valid=NON_NEGATIVE),
+    Metric("nvidia_gpu_clock_event_active", GAUGE, "1 while a clock-event (throttle) reason holds clocks down.",
+           ("reason",), "nvmlDeviceGetCurrentClocksEventReasons", valid=RATIO),
+    Metric("nvidia_gpu_clock_event_duration_seconds_total", COUNTER,
+           "Time clocks were held down, by cause, since the driver was loaded.",
+           ("reason",), "fields 74-79 PERF_POLICY_*", valid=NON_NEGATIVE),
+    Metric("nvidia_gpu_ecc_enabled", GAUGE, "1 if ECC is enabled now.",
+           source="nvmlDeviceGetEccMode", valid=RATIO),
+    Metric("nvidia_gpu_ecc_errors_total", COUNTER,
+           "ECC errors; volatile since the driver was loaded, aggregate over the board's life.",
+           ("type", "scope"), "fields 3-6 ECC_{SBE,DBE}_{VOL,AGG}_TOTAL", valid=NON_NEGATIVE),
+    Metric("nvidia_gpu_retired_pages", GAUGE, "Pages retired, by cause (pre-Ampere boards).",
+           ("cause",), "fields 29-30 RETIRED_SBE/DBE", valid=NON_NEGATIVE),
+    Metric("nvidia_gpu_retired_pages_pending", GAUGE, "1 if a page retirement waits for the next reset.",
+           source="field 31 RETIRED_PENDING", valid=RATIO),
+    Metric("nvidia_gpu_remapped_rows", GAUGE, "Rows remapped, by cause (Ampere and later).",
+           ("cause",), "fields 142-143 REMAPPED_COR/UNC", valid=NON_NEGATIVE),
+    Metric("nvidia_gpu_remapped_rows_pending", GAUGE, "1 if a row remap waits for a GPU reset.",
+           source="field 144 REMAPPED_PENDING", valid=RATIO),
+    Metric("nvidia_gpu_remapped_rows_failed", GAUGE, "1 if a row remap failed (the board needs service).",
+           source="field 145 REMAPPED_FAILURE", valid=RATIO),
+    Metric("nvidia_gpu_nvlink_up", GAUGE, "1 if the NVLink link is active.",
+           ("link",), "field 165 NVLINK_GET_STATE", valid=RATIO),
+    Metric("nvidia_gpu_nvlink_errors_total", COUNTER,
+           "NVLink data-link errors by type (crc_data only for links 0-11, which NVML has field ids for).",
+           ("link", "type"), "fields 161-163 NVLINK_ERROR_DL_*, 39-44/102-107 CRC_DATA", valid=NON_NEGATIVE),
+    Metric("nvidia_gpu_recovery_action", GAUGE,
+           "Driver's recovery action: 0 none, 1 gpu_reset, 2 node_reboot, 3 drain_p2p, 4 drain_and_reset.",
+           source="field 230 GET_GPU_RECOVERY_ACTION", valid=(0.0, 255.0)),
+    Metric("nvidia_gpu_compute_processes", GAUGE, "Compute processes running on the GPU.",
+           source="nvmlDeviceGetComputeRunningProcesses", valid=NON_NEGATIVE),
+)
+
+EXPORTER_METRICS: tuple[Metric, ...] = (
+    Metric("nvml_exporter_build_info", GAUGE, "Build of the exporter; always 1.",
+           ("version", "pynvml_version", "python_version"), per_gpu=False),
+    Metric("nvml_exporter_nvml_up", GAUGE, "1 once NVML is initialised, 0 while the library or driver is missing.",
+           per_gpu=False),
+    Metric("nvml_exporter_collect_duration_seconds", GAUGE, "Time the last collection of each GPU took.",
+           ("gpu",), per_gpu=False),
+    Metric("nvml_exporter_collect_timeouts_total", COUNTER,
+           "Collections of a GPU that missed the scrape deadline; the scrape served its last good values.",
+           ("gpu",), per_gpu=False),
+    Metric("nvml_exporter_nvml_errors_total", COUNTER, "NVML calls that failed, by function and error.",
+           ("function", "error"), per_gpu=False),
+    Metric("nvml_exporter_invalid_readings_total", COUNTER,
+           "Readings dropped because NVML returned a sentinel or impossible value.",
+           ("metric",), per_gpu=False),
+    Metric("nvml_exporter_last_collect_timestamp_seconds", GAUGE,
+           "Unix time of the last finished collection.", per_gpu=False),
+)
+
+ALL_METRICS: tuple[Metric, ...] = GPU_METRICS + EXPORTER_METRICS
+BY_NAME: dict[str, Metric] = {m.name: m for m in ALL_METRICS}
+
+
+def render_markdown() -> str:
+    """docs/metrics.md, generated from the table above (`python -m nvml_exporter.metrics`)."""
+    lines = [
+        "# Metrics reference",
+        "",
+        "Generated from `exporter/metrics.py` by `python -m nvml_exporter.metrics`; do not edit by hand.",
+        "",
+        "Every `nvidia_gpu_*` series also carries `gpu` (the NVML index) and `uuid`. A metric the GPU's",
+        "NVML answers NOT_SUPPORTED for is omitted for that GPU, never exported as 0. A lost GPU keeps",
+        "`nvidia_gpu_up 0` and `nvidia_gpu_info` (so you know which board it is) and drops everything else.",
+        "",
+        "| metric | type | labels | help | NVML source |",
+        "|---|---|---|---|---|",
+    ]
+    for m in ALL_METRICS:
+        labels = ", ".join((("gpu", "uuid") if m.per_gpu else ()) + m.labels) or "—"
+        lines.append(f"| `{m.name}` | {m.type} | {labels} | {m.help} | {m.source or '—'} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    sys.stdout.write(render_markdown())

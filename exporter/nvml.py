@@ -1,0 +1,437 @@
+"""The one module that talks to NVML (through pynvml). Everything it returns is plain data.
+
+A `GpuReader` reads one GPU in three tiers: static (once per handle), slow (thresholds, limits, ECC
+aggregates, retirement, remapping) and fast (every collection). It remembers what the board answered
+NOT_SUPPORTED for and never asks again, batches counters into one nvmlDeviceGetFieldValues call per
+tier, and raises `GpuLost` the moment NVML says the GPU fell off the bus.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import threading
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import pynvml
+
+from .snapshot import GpuIdentity, Values
+
+NOT_SUPPORTED = pynvml.NVML_ERROR_NOT_SUPPORTED
+FUNCTION_NOT_FOUND = pynvml.NVML_ERROR_FUNCTION_NOT_FOUND
+# Codes after which no call on this handle will succeed until the GPU comes back.
+LOST_CODES = frozenset({pynvml.NVML_ERROR_GPU_IS_LOST, getattr(pynvml, "NVML_ERROR_GPU_NOT_FOUND", 28)})
+# Codes that mean "this board/driver will never answer this", so the call is not repeated.
+PERMANENT_CODES = frozenset({NOT_SUPPORTED, FUNCTION_NOT_FOUND})
+
+_ERROR_NAMES = {
+    getattr(pynvml, n): n[len("NVML_ERROR_"):].lower()
+    for n in dir(pynvml)
+    if n.startswith("NVML_ERROR_") and isinstance(getattr(pynvml, n), int)
+}
+
+
+def error_name(code: int) -> str:
+    return _ERROR_NAMES.get(code, f"code_{code}")
+
+
+class NvmlError(Exception):
+    def __init__(self, function: str, code: int):
+        super().__init__(f"{function}: {error_name(code)} ({code})")
+        self.function = function
+        self.code = code
+
+
+class GpuLost(NvmlError):
+    """The GPU stopped answering (fell off the bus); its handle is useless until it returns."""
+
+
+ErrorSink = Callable[[str, int], None]
+
+# Clock-event reason bits (nvml.h nvmlClocksEventReason*), in bit order.
+CLOCK_EVENT_REASONS: tuple[tuple[int, str], ...] = (
+    (0x1, "gpu_idle"), (0x2, "applications_clocks_setting"), (0x4, "sw_power_cap"), (0x8, "hw_slowdown"),
+    (0x10, "sync_boost"), (0x20, "sw_thermal_slowdown"), (0x40, "hw_thermal_slowdown"),
+    (0x80, "hw_power_brake_slowdown"), (0x100, "display_clock_setting"),
+)
+CLOCKS: tuple[tuple[int, str], ...] = (
+    (pynvml.NVML_CLOCK_GRAPHICS, "graphics"), (pynvml.NVML_CLOCK_SM, "sm"),
+    (pynvml.NVML_CLOCK_MEM, "memory"), (pynvml.NVML_CLOCK_VIDEO, "video"),
+)
+THRESHOLDS: tuple[tuple[int, str], ...] = (
+    (pynvml.NVML_TEMPERATURE_THRESHOLD_SHUTDOWN, "shutdown"),
+    (pynvml.NVML_TEMPERATURE_THRESHOLD_SLOWDOWN, "slowdown"),
+    (pynvml.NVML_TEMPERATURE_THRESHOLD_GPU_MAX, "gpu_max"),
+    (pynvml.NVML_TEMPERATURE_THRESHOLD_MEM_MAX, "memory_max"),
+)
+MAX_NVLINKS = 36  # NVML_NVLINK_MAX_LINKS in API 13; older boards stop answering earlier
+
+
+@dataclass(frozen=True)
+class Field:
+    """One field-value id read into one series: value * scale -> metric{labels}."""
+
+    field_id: int
+    metric: str
+    labels: tuple[str, ...] = ()
+    scale: float = 1.0
+    scope: int = 0
+
+
+# Field ids <= 250 only: their numbering never changed across bindings (nvml.md §4.3).
+FAST_FIELDS: tuple[Field, ...] = (
+    Field(82, "nvidia_gpu_memory_temperature_celsius"),
+    Field(83, "nvidia_gpu_energy_joules_total", scale=1e-3),
+    Field(94, "nvidia_gpu_pcie_replay_errors_total"),
+    Field(3, "nvidia_gpu_ecc_errors_total", ("corrected", "volatile")),
+    Field(4, "nvidia_gpu_ecc_errors_total", ("uncorrected", "volatile")),
+    Field(74, "nvidia_gpu_clock_event_duration_seconds_total", ("power",), 1e-9),
+    Field(75, "nvidia_gpu_clock_event_duration_seconds_total", ("thermal",), 1e-9),
+    Field(76, "nvidia_gpu_clock_event_duration_seconds_total", ("sync_boost",), 1e-9),
+    Field(77, "nvidia_gpu_clock_event_duration_seconds_total", ("board_limit",), 1e-9),
+    Field(78, "nvidia_gpu_clock_event_duration_seconds_total", ("low_utilization",), 1e-9),
+    Field(79, "nvidia_gpu_clock_event_duration_seconds_total", ("reliability",), 1e-9),
+    Field(230, "nvidia_gpu_recovery_action"),
+)
+SLOW_FIELDS: tuple[Field, ...] = (
+    Field(5, "nvidia_gpu_ecc_errors_total", ("corrected", "aggregate")),
+    Field(6, "nvidia_gpu_ecc_errors_total", ("uncorrected", "aggregate")),
+    Field(29, "nvidia_gpu_retired_pages", ("single_bit",)),
+    Field(30, "nvidia_gpu_retired_pages", ("double_bit",)),
+    Field(31, "nvidia_gpu_retired_pages_pending"),
+    Field(142, "nvidia_gpu_remapped_rows", ("correctable",)),
+    Field(143, "nvidia_gpu_remapped_rows", ("uncorrectable",)),
+    Field(144, "nvidia_gpu_remapped_rows_pending"),
+    Field(145, "nvidia_gpu_remapped_rows_failed"),
+)
+ECC_FIELD_IDS = frozenset({3, 4, 5, 6})
+
+
+def nvlink_fields(link: int) -> list[Field]:
+    """Per-link fields. Link-scoped ids take the link in scopeId; CRC-data only has per-link ids for 0-11."""
+    lk = str(link)
+    fields = [
+        Field(165, "nvidia_gpu_nvlink_up", (lk,), scope=link),
+        Field(163, "nvidia_gpu_nvlink_errors_total", (lk, "crc_flit"), scope=link),
+        Field(161, "nvidia_gpu_nvlink_errors_total", (lk, "replay"), scope=link),
+        Field(162, "nvidia_gpu_nvlink_errors_total", (lk, "recovery"), scope=link),
+    ]
+    if link < 6:
+        fields.append(Field(39 + link, "nvidia_gpu_nvlink_errors_total", (lk, "crc_data")))
+    elif link < 12:
+        fields.append(Field(102 + link - 6, "nvidia_gpu_nvlink_errors_total", (lk, "crc_data")))
+    return fields
+
+
+# NVIDIA's DataDog incident: concurrent field-value calls gave spurious NOT_SUPPORTED. One at a time.
+_FIELD_VALUES_LOCK = threading.Lock()
+
+
+class FieldBatch:
+    """A prebuilt nvmlFieldValue_t array, read with one call. Entries a board does not support are
+    dropped for good, except per-link entries: an inactive NVLink port answers NOT_SUPPORTED too."""
+
+    def __init__(self, fields: Iterable[Field], keep_unsupported: Callable[[Field], bool] = lambda f: False):
+        self._keep_unsupported = keep_unsupported
+        self._set(list(fields))
+
+    def _set(self, fields: list[Field]) -> None:
+        self.fields = fields
+        self._array = (pynvml.c_nvmlFieldValue_t * len(fields))()
+        for entry, f in zip(self._array, fields, strict=True):
+            entry.fieldId = f.field_id
+            entry.scopeId = f.scope
+
+    def read(self, handle: Any, call: Callable[..., Any], values: Values) -> None:
+        if not self.fields:
+            return
+        fn = pynvml._nvmlGetFunctionPointer("nvmlDeviceGetFieldValues")
+
+        def get() -> None:
+            with _FIELD_VALUES_LOCK:
+                pynvml._nvmlCheckReturn(fn(handle, ctypes.c_int32(len(self.fields)), ctypes.byref(self._array)))
+
+        if call("nvmlDeviceGetFieldValues", get) is _FAILED:
+            return
+        unsupported = []
+        for entry, f in zip(self._array, self.fields, strict=True):
+            if entry.nvmlReturn != pynvml.NVML_SUCCESS:
+                if entry.nvmlReturn in PERMANENT_CODES and not self._keep_unsupported(f):
+                    unsupported.append(f)
+                continue
+            values.setdefault(f.metric, {})[f.labels] = scaled(_decode(entry, f), f.scale)
+        if unsupported:
+            self._set([f for f in self.fields if f not in unsupported])
+
+
+def scaled(v: float, scale: float) -> float:
+    """Unit conversion that keeps decimal values exact: 7014307013 ns -> 7014.307013 s, not ...0001."""
+    return v / round(1 / scale) if scale < 1 else v * scale
+
+
+def _decode(entry: Any, f: Field) -> float:
+    # NVML may leave ECC fields typed DOUBLE though they hold an integer (DCGM's "WAR for bug 2032468").
+    if f.field_id in ECC_FIELD_IDS:
+        return float(entry.value.ullVal)
+    vt = entry.valueType
+    v = entry.value
+    if vt == pynvml.NVML_VALUE_TYPE_DOUBLE:
+        return float(v.dVal)
+    if vt == pynvml.NVML_VALUE_TYPE_UNSIGNED_INT:
+        return float(v.uiVal)
+    if vt == pynvml.NVML_VALUE_TYPE_UNSIGNED_LONG:
+        return float(v.ulVal)
+    if vt == pynvml.NVML_VALUE_TYPE_SIGNED_LONG_LONG:
+        return float(v.sllVal)
+    if vt == getattr(pynvml, "NVML_VALUE_TYPE_SIGNED_INT", 5):
+        return float(v.siVal)
+    if vt == getattr(pynvml, "NVML_VALUE_TYPE_UNSIGNED_SHORT", 6):
+        return float(v.usVal)
+    return float(v.ullVal)
+
+
+_FAILED = object()
+
+
+class GpuReader:
+    """Reads one GPU through its NVML handle. Not thread-safe: one collection at a time per GPU."""
+
+    def __init__(self, handle: Any, on_error: ErrorSink):
+        self.handle = handle
+        self._on_error = on_error
+        self._unsupported: set[str] = set()
+        self._fast = FieldBatch(FAST_FIELDS)
+        self._slow = FieldBatch(SLOW_FIELDS)
+        self._nvlink = FieldBatch(())
+        self._fans = 0
+
+    # -- call discipline -------------------------------------------------------------------------
+    def _call(self, key: str, fn: Callable[..., Any], *args: Any) -> Any:
+        """Call fn; on failure count the error, remember permanent ones and return _FAILED.
+        `key` names the reading (function, plus the argument where one function serves several)."""
+        if key in self._unsupported:
+            return _FAILED
+        function = key.split(":", 1)[0]
+        try:
+            return fn(*args)
+        except pynvml.NVMLError as e:
+            code = e.value
+        except (pynvml.NVMLLibraryMismatchError, AttributeError):
+            code = FUNCTION_NOT_FOUND  # the bindings or the driver lack this entry point
+        self._on_error(function, code)
+        if code in LOST_CODES:
+            raise GpuLost(function, code)
+        if code in PERMANENT_CODES:
+            self._unsupported.add(key)
+        return _FAILED
+
+    def _put(self, values: Values, metric: str, labels: tuple[str, ...], key: str,
+             fn: Callable[..., Any], *args: Any, scale: float = 1.0) -> Any:
+        v = self._call(key, fn, *args)
+        if v is not _FAILED:
+            values.setdefault(metric, {})[labels] = scaled(float(v), scale)
+        return v
+
+    # -- tiers -----------------------------------------------------------------------------------
+    def read_identity(self) -> GpuIdentity:
+        h = self.handle
+
+        def text(key: str, fn: Callable[..., Any]) -> str:
+            v = self._call(key, fn, h)
+            return "" if v is _FAILED else _str(v)
+
+        index = self._call("nvmlDeviceGetIndex", pynvml.nvmlDeviceGetIndex, h)
+        uuid = text("nvmlDeviceGetUUID", pynvml.nvmlDeviceGetUUID)
+        pci = self._call("nvmlDeviceGetPciInfo_v3", pynvml.nvmlDeviceGetPciInfo, h)
+        minor = self._call("nvmlDeviceGetMinorNumber", pynvml.nvmlDeviceGetMinorNumber, h)
+        return GpuIdentity(
+            index=-1 if index is _FAILED else int(index),
+            uuid=uuid,
+            name=text("nvmlDeviceGetName", pynvml.nvmlDeviceGetName),
+            pci_bus_id="" if pci is _FAILED else _str(pci.busId),
+            serial=text("nvmlDeviceGetSerial", pynvml.nvmlDeviceGetSerial),
+            vbios_version=text("nvmlDeviceGetVbiosVersion", pynvml.nvmlDeviceGetVbiosVersion),
+            minor_number="" if minor is _FAILED else str(minor),
+        )
+
+    def read_static(self) -> Values:
+        """Facts that only change with the hardware: max clocks, max PCIe link, fans, NVLink ports."""
+        h = self.handle
+        values: Values = {}
+        for clock, name in CLOCKS:
+            self._put(values, "nvidia_gpu_clock_max_hertz", (name,), f"nvmlDeviceGetMaxClockInfo:{clock}",
+                      pynvml.nvmlDeviceGetMaxClockInfo, h, clock, scale=1e6)
+        self._put(values, "nvidia_gpu_pcie_link_max_generation", (), "nvmlDeviceGetMaxPcieLinkGeneration",
+                  pynvml.nvmlDeviceGetMaxPcieLinkGeneration, h)
+        self._put(values, "nvidia_gpu_pcie_link_max_width", (), "nvmlDeviceGetMaxPcieLinkWidth",
+                  pynvml.nvmlDeviceGetMaxPcieLinkWidth, h)
+        fans = self._call("nvmlDeviceGetNumFans", pynvml.nvmlDeviceGetNumFans, h)
+        self._fans = 0 if fans is _FAILED else int(fans)
+        self._nvlink = FieldBatch(
+            [f for link in self._nvlink_ports() for f in nvlink_fields(link)], keep_unsupported=lambda f: True
+        )
+        return values
+
+    def _nvlink_ports(self) -> list[int]:
+        """Links that exist: NVML answers for each port up to the board's count, then errors."""
+        links = []
+        for link in range(MAX_NVLINKS):
+            try:
+                pynvml.nvmlDeviceGetNvLinkState(self.handle, link)
+            except pynvml.NVMLError as e:
+                if e.value in LOST_CODES:
+                    self._on_error("nvmlDeviceGetNvLinkState", e.value)
+                    raise GpuLost("nvmlDeviceGetNvLinkState", e.value) from None
+                if link == 0 and e.value not in PERMANENT_CODES:
+                    self._on_error("nvmlDeviceGetNvLinkState", e.value)
+                break
+            links.append(link)
+        return links
+
+    def read_slow(self) -> Values:
+        """Readings that change rarely: thresholds, limits, ECC mode and aggregates, retirement, remapping."""
+        h = self.handle
+        values: Values = {}
+        for kind, name in THRESHOLDS:
+            self._put(values, "nvidia_gpu_temperature_threshold_celsius", (name,),
+                      f"nvmlDeviceGetTemperatureThreshold:{kind}", pynvml.nvmlDeviceGetTemperatureThreshold, h, kind)
+        self._put(values, "nvidia_gpu_power_default_limit_watts", (), "nvmlDeviceGetPowerManagementDefaultLimit",
+                  pynvml.nvmlDeviceGetPowerManagementDefaultLimit, h, scale=1e-3)
+        ecc = self._call("nvmlDeviceGetEccMode", pynvml.nvmlDeviceGetEccMode, h)
+        if ecc is not _FAILED:
+            values["nvidia_gpu_ecc_enabled"] = {(): float(ecc[0])}
+        self._slow.read(h, self._call, values)
+        return values
+
+    def read_fast(self) -> Values:
+        h = self.handle
+        values: Values = {}
+        put = self._put
+        put(values, "nvidia_gpu_temperature_celsius", (), "nvmlDeviceGetTemperature",
+            pynvml.nvmlDeviceGetTemperature, h, pynvml.NVML_TEMPERATURE_GPU)
+        put(values, "nvidia_gpu_power_watts", (), "nvmlDeviceGetPowerUsage", pynvml.nvmlDeviceGetPowerUsage, h,
+            scale=1e-3)
+        put(values, "nvidia_gpu_power_limit_watts", (), "nvmlDeviceGetEnforcedPowerLimit",
+            pynvml.nvmlDeviceGetEnforcedPowerLimit, h, scale=1e-3)
+        for fan in range(self._fans):
+            put(values, "nvidia_gpu_fan_speed_ratio", (str(fan),), f"nvmlDeviceGetFanSpeed_v2:{fan}",
+                pynvml.nvmlDeviceGetFanSpeed_v2, h, fan, scale=0.01)
+        for clock, name in CLOCKS:
+            put(values, "nvidia_gpu_clock_hertz", (name,), f"nvmlDeviceGetClockInfo:{clock}",
+                pynvml.nvmlDeviceGetClockInfo, h, clock, scale=1e6)
+        util = self._call("nvmlDeviceGetUtilizationRates", pynvml.nvmlDeviceGetUtilizationRates, h)
+        if util is not _FAILED:
+            values["nvidia_gpu_utilization_ratio"] = {(): util.gpu / 100}
+            values["nvidia_gpu_memory_utilization_ratio"] = {(): util.memory / 100}
+        for metric, key, fn in (
+            ("nvidia_gpu_encoder_utilization_ratio", "nvmlDeviceGetEncoderUtilization",
+             pynvml.nvmlDeviceGetEncoderUtilization),
+            ("nvidia_gpu_decoder_utilization_ratio", "nvmlDeviceGetDecoderUtilization",
+             pynvml.nvmlDeviceGetDecoderUtilization),
+        ):
+            v = self._call(key, fn, h)
+            if v is not _FAILED:
+                values[metric] = {(): v[0] / 100}
+        self._read_memory(values)
+        put(values, "nvidia_gpu_performance_state", (), "nvmlDeviceGetPerformanceState",
+            pynvml.nvmlDeviceGetPerformanceState, h)
+        put(values, "nvidia_gpu_persistence_mode", (), "nvmlDeviceGetPersistenceMode",
+            pynvml.nvmlDeviceGetPersistenceMode, h)
+        put(values, "nvidia_gpu_pcie_link_generation", (), "nvmlDeviceGetCurrPcieLinkGeneration",
+            pynvml.nvmlDeviceGetCurrPcieLinkGeneration, h)
+        put(values, "nvidia_gpu_pcie_link_width", (), "nvmlDeviceGetCurrPcieLinkWidth",
+            pynvml.nvmlDeviceGetCurrPcieLinkWidth, h)
+        self._read_clock_events(values)
+        procs = self._call("nvmlDeviceGetComputeRunningProcesses_v3", pynvml.nvmlDeviceGetComputeRunningProcesses, h)
+        if procs is not _FAILED:
+            values["nvidia_gpu_compute_processes"] = {(): float(len(procs))}
+        self._fast.read(h, self._call, values)
+        self._nvlink.read(h, self._call, values)
+        return values
+
+    def _read_memory(self, values: Values) -> None:
+        mem = self._call("nvmlDeviceGetMemoryInfo_v2", _memory_v2, self.handle)
+        if mem is _FAILED:
+            return
+        values["nvidia_gpu_memory_total_bytes"] = {(): float(mem.total)}
+        values["nvidia_gpu_memory_used_bytes"] = {(): float(mem.used)}
+        values["nvidia_gpu_memory_free_bytes"] = {(): float(mem.free)}
+        values["nvidia_gpu_memory_reserved_bytes"] = {(): float(mem.reserved)}
+
+    def _read_clock_events(self, values: Values) -> None:
+        mask = self._call("nvmlDeviceGetCurrentClocksEventReasons", _clock_event_reasons, self.handle)
+        if mask is _FAILED:
+            return
+        values["nvidia_gpu_clock_event_active"] = {
+            (name,): 1.0 if mask & bit else 0.0 for bit, name in CLOCK_EVENT_REASONS
+        }
+
+
+def _memory_v2(handle: Any) -> Any:
+    return pynvml.nvmlDeviceGetMemoryInfo(handle, version=pynvml.nvmlMemory_v2)
+
+
+def _clock_event_reasons(handle: Any) -> int:
+    # The "event" name arrived in 12.535; older bindings only have the "throttle" one.
+    fn = getattr(pynvml, "nvmlDeviceGetCurrentClocksEventReasons", None)
+    if fn is None:
+        fn = pynvml.nvmlDeviceGetCurrentClocksThrottleReasons
+    return int(fn(handle))
+
+
+def _str(v: bytes | str) -> str:
+    return v.decode(errors="replace") if isinstance(v, bytes) else str(v)
+
+
+class Library:
+    """Process-wide NVML: loading, init, enumeration. pynvml can never unload or swap the library."""
+
+    def __init__(self, path: str | None = None):
+        self.path = path
+        self._preloaded = False
+        self.initialised = False
+
+    def init(self) -> None:
+        if self.path and not self._preloaded:
+            # Loading the file first makes pynvml's CDLL("libnvidia-ml.so.1") find it by its SONAME.
+            try:
+                ctypes.CDLL(self.path, mode=ctypes.RTLD_GLOBAL)
+            except OSError:
+                raise NvmlError("dlopen", pynvml.NVML_ERROR_LIBRARY_NOT_FOUND) from None
+            self._preloaded = True
+        try:
+            pynvml.nvmlInit()
+        except pynvml.NVMLError as e:
+            raise NvmlError("nvmlInit", e.value) from None
+        self.initialised = True
+
+    def _checked(self, function: str, fn: Callable[..., Any], *args: Any) -> Any:
+        try:
+            return fn(*args)
+        except pynvml.NVMLError as e:
+            if e.value in LOST_CODES:
+                raise GpuLost(function, e.value) from None
+            raise NvmlError(function, e.value) from None
+
+    def driver_version(self) -> str:
+        return _str(self._checked("nvmlSystemGetDriverVersion", pynvml.nvmlSystemGetDriverVersion))
+
+    def device_count(self) -> int:
+        return int(self._checked("nvmlDeviceGetCount_v2", pynvml.nvmlDeviceGetCount))
+
+    def handle_by_index(self, index: int) -> Any:
+        return self._checked("nvmlDeviceGetHandleByIndex_v2", pynvml.nvmlDeviceGetHandleByIndex, index)
+
+    def handle_by_uuid(self, uuid: str) -> Any:
+        return self._checked("nvmlDeviceGetHandleByUUID", pynvml.nvmlDeviceGetHandleByUUID, uuid)
+
+
+def bindings_version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("nvidia-ml-py")
+    except Exception:  # not installed as a distribution (vendored copy): say so rather than fail
+        return "unknown"
+

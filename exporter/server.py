@@ -1,0 +1,162 @@
+"""HTTP: /metrics, a landing page, /-/healthy and /-/ready, with optional TLS and basic auth."""
+
+from __future__ import annotations
+
+import gzip
+import html
+import logging
+import socket
+import ssl
+from collections.abc import Callable
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+from urllib.parse import urlsplit
+
+from . import __version__
+from .exposition import CONTENT_TYPE, BuildInfo, render
+from .snapshot import Snapshot
+from .webconfig import WebConfig
+
+log = logging.getLogger("nvml_exporter.http")
+
+MIN_DEADLINE = 0.05  # seconds; below this a scrape could only ever be served stale data
+
+
+@dataclass
+class App:
+    collect: Callable[[float], Snapshot]
+    ready: Callable[[], bool]
+    web: WebConfig
+    build: BuildInfo
+    telemetry_path: str = "/metrics"
+    collect_timeout: float = 5.0
+
+    def scrape_deadline(self, header: str | None) -> float:
+        """Prometheus says how long it will wait; leave a tenth of that for rendering and the network."""
+        if header:
+            try:
+                return max(MIN_DEADLINE, min(float(header) * 0.9, self.collect_timeout))
+            except ValueError:
+                pass
+        return self.collect_timeout
+
+    def landing_page(self) -> bytes:
+        snap = self.collect(self.collect_timeout)
+        rows = []
+        for g in snap.gpus:
+            i = g.identity
+            state = "up" if g.up and not g.stale else "stale" if g.up else "down"
+            rows.append(
+                f"<tr><td>{i.index}</td><td>{html.escape(i.name)}</td><td>{html.escape(i.uuid)}</td>"
+                f"<td>{html.escape(i.pci_bus_id)}</td><td class={state}>{state}</td></tr>"
+            )
+        nvml = "up" if snap.state.nvml_up else "down (retrying)"
+        path = html.escape(self.telemetry_path)
+        page = f"""<!doctype html>
+<html><head><meta charset="utf-8"><title>nvml-exporter</title>
+<style>body{{font-family:sans-serif}}td,th{{padding:2px 10px;text-align:left}}
+.up{{color:green}}.down{{color:red}}.stale{{color:orange}}</style></head>
+<body><h1>nvml-exporter {html.escape(__version__)}</h1>
+<p>NVML: {nvml}; driver {html.escape(snap.state.driver_version or "unknown")}.
+Metrics at <a href="{path}">{path}</a>.</p>
+<table><tr><th>gpu</th><th>name</th><th>uuid</th><th>PCI bus id</th><th>state</th></tr>
+{"".join(rows)}
+</table></body></html>
+"""
+        return page.encode()
+
+
+class Handler(BaseHTTPRequestHandler):
+    server: Server
+    protocol_version = "HTTP/1.1"
+    timeout = 30
+    server_version = f"nvml-exporter/{__version__}"
+
+    def setup(self) -> None:
+        super().setup()
+        if isinstance(self.request, ssl.SSLSocket):
+            self.request.do_handshake()  # here, in the request's own thread, not in accept()
+
+    def handle(self) -> None:
+        try:
+            super().handle()
+        except (ssl.SSLError, ConnectionError, TimeoutError) as e:
+            log.debug("connection closed", extra={"peer": self.client_address[0], "error": str(e)})
+
+    def log_message(self, format: str, *args: Any) -> None:
+        log.debug(format % args, extra={"peer": self.client_address[0]})
+
+    def _send(self, code: int, body: bytes, content_type: str, extra: dict[str, str] | None = None) -> None:
+        headers = dict(self.server.app.web.headers)
+        headers.update(extra or {})
+        if len(body) > 1024 and "gzip" in self.headers.get("Accept-Encoding", ""):
+            body = gzip.compress(body, compresslevel=1)
+            headers["Content-Encoding"] = "gzip"
+        self.send_response(code)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        for k, v in headers.items():
+            self.send_header(k, v)
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+
+    def do_GET(self) -> None:
+        app = self.server.app
+        if not app.web.authorized(self.headers.get("Authorization")):
+            self._send(401, b"Unauthorized\n", "text/plain; charset=utf-8",
+                       {"WWW-Authenticate": 'Basic realm="nvml-exporter"'})
+            return
+        path = urlsplit(self.path).path
+        if path == app.telemetry_path:
+            snap = app.collect(app.scrape_deadline(self.headers.get("X-Prometheus-Scrape-Timeout-Seconds")))
+            self._send(200, render(snap, app.build), CONTENT_TYPE)
+        elif path == "/":
+            self._send(200, app.landing_page(), "text/html; charset=utf-8")
+        elif path == "/-/healthy":
+            self._send(200, b"OK\n", "text/plain; charset=utf-8")
+        elif path == "/-/ready":
+            if app.ready():
+                self._send(200, b"OK\n", "text/plain; charset=utf-8")
+            else:
+                self._send(503, b"NVML has not been initialised yet\n", "text/plain; charset=utf-8")
+        else:
+            self._send(404, b"Not Found\n", "text/plain; charset=utf-8")
+
+    do_HEAD = do_GET
+
+
+class Server(ThreadingHTTPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+
+    def __init__(self, address: tuple[str, int], app: App):
+        host = address[0]
+        self.address_family = socket.AF_INET6 if ":" in host or host == "" else socket.AF_INET
+        self.app = app
+        if host == "":
+            address = ("::", address[1])
+        super().__init__(address, Handler)
+
+    def server_bind(self) -> None:
+        if self.address_family == socket.AF_INET6:
+            self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)  # also serve IPv4
+        super().server_bind()
+
+    def get_request(self) -> tuple[socket.socket, Any]:
+        sock, addr = super().get_request()
+        ctx = self.app.web.ssl_context
+        if ctx is not None:
+            sock = ctx.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
+        return sock, addr
+
+
+def parse_listen_address(value: str) -> tuple[str, int]:
+    """':9400', '0.0.0.0:9400', 'localhost:9400', '[::1]:9400' -> (host, port)."""
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"invalid listen address {value!r}: want [host]:port")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    return host, int(port)
