@@ -4,6 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 FAKE   := build/fakenvml/libnvidia-ml.so.1
 DEMO_STATE := build/demo/state.conf
+DEMO_ADDRESS ?= :9400
 CFLAGS_FAKE := -O2 -g -Wall -Wextra -Werror -std=c11 -fPIC -shared -fvisibility=hidden \
                -Wl,-soname,libnvidia-ml.so.1
 
@@ -34,9 +35,9 @@ demo: deps venv fakenvml
 	mkdir -p $(dir $(DEMO_STATE))
 	cp tests/fakenvml/scenarios/h100x8.conf $(DEMO_STATE)
 	: > $(DEMO_STATE).events
-	@echo "demo: 8 simulated H100 GPUs; try: curl localhost:9400/metrics"
+	@echo "demo: 8 simulated H100 GPUs on $(DEMO_ADDRESS); try: curl localhost:9400/metrics"
 	LD_LIBRARY_PATH=$(CURDIR)/build/fakenvml FAKE_NVML_STATE=$(CURDIR)/$(DEMO_STATE) \
-		$(BIN)/nvml-exporter --web.listen-address=:9400
+		$(BIN)/nvml-exporter --web.listen-address=$(DEMO_ADDRESS)
 
 docs: venv
 	$(BIN)/python -m nvml_exporter.metrics > docs/metrics.md
