@@ -16,7 +16,7 @@ deps:
 venv: $(BIN)/.installed
 $(BIN)/.installed: pyproject.toml | deps
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q --disable-pip-version-check -e '.[test]'
+	$(BIN)/pip install -q --disable-pip-version-check -e '.[test,systemd]'
 	touch $@
 
 fakenvml: $(FAKE)

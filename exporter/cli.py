@@ -74,6 +74,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="refresh of thresholds, limits, ECC aggregates, retired pages and remapped rows (default 30s)")
     p.add_argument("--nvml.library", dest="library", metavar="PATH",
                    help="load this libnvidia-ml.so.1 instead of the one the dynamic linker finds")
+    p.add_argument("--xid.journal", dest="journal", action=argparse.BooleanOptionalAction, default=True,
+                   help="count Xids from the kernel journal too (backfill and message text; default on)")
+    p.add_argument("--xid.journal-path", dest="journal_path", metavar="PATH",
+                   help="read this journal file or directory instead of the system journal")
     p.add_argument("--log.level", dest="log_level", choices=sorted(logs.LEVELS), default="info")
     p.add_argument("--log.format", dest="log_format", choices=("logfmt", "json"), default="logfmt")
     p.add_argument("--version", action="version", version=f"nvml-exporter {__version__}")
@@ -90,7 +94,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"--web.config.file: {e}")
 
     collector = Collector(Library(args.library), min_interval=args.min_interval,
-                          slow_interval=args.slow_interval)
+                          slow_interval=args.slow_interval, journal=args.journal, journal_path=args.journal_path)
     app = App(collect=collector.collect, ready=collector.initialised.is_set, web=web, build=BuildInfo.detect(),
               telemetry_path=args.path, collect_timeout=args.timeout)
     host, port = args.listen

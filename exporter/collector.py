@@ -20,10 +20,15 @@ from collections.abc import Callable
 from concurrent.futures import Future, wait
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
+from typing import Any
 
+from .diagnosis import STATUS_VALUE, diagnose
+from .events import EventWatcher
+from .journal import JournalFollower, pci_key
 from .metrics import BY_NAME
 from .nvml import GpuLost, GpuReader, Library, NvmlError, error_name
 from .snapshot import ExporterState, GpuIdentity, GpuSnapshot, Snapshot, Values
+from .xidstore import XidStore
 
 log = logging.getLogger("nvml_exporter.collector")
 
@@ -81,6 +86,9 @@ class Collector:
         slow_interval: float = 30.0,
         rediscover_interval: float = 30.0,
         init_backoff: tuple[float, float] = (0.5, 10.0),
+        journal: bool = True,
+        journal_path: str | None = None,
+        events: bool = True,
         clock: Callable[[], float] = time.monotonic,
         wall: Callable[[], float] = time.time,
     ):
@@ -104,14 +112,24 @@ class Collector:
         self._manager: threading.Thread | None = None
         self.initialised = threading.Event()  # NVML came up at least once (readiness)
         self.tried = threading.Event()  # the first init attempt finished, either way
+        self.xids = XidStore(clock=wall)
+        self._prev: dict[int, tuple[GpuSnapshot, float]] = {}
+        self._events = EventWatcher(self.attached, self.xids, self._count_error, clock=wall) if events else None
+        self._journal = (JournalFollower(self.xids, self.resolve_pci, journal_path, ready=self.initialised)
+                         if journal else None)
 
     # -- lifecycle -------------------------------------------------------------------------------
     def start(self) -> None:
         self._manager = threading.Thread(target=self._manage, name="nvml-manager", daemon=True)
         self._manager.start()
+        if self._journal is not None:
+            self._journal.start()
 
     def stop(self) -> None:
         self._stop.set()
+        for watcher in (self._events, self._journal):
+            if watcher is not None:
+                watcher.stop()
         with self._lock:
             gpus = list(self._gpus)
         for g in gpus:
@@ -136,9 +154,26 @@ class Collector:
         self._rediscover()
         with self._lock:
             self._nvml_up = True
+        self.collect(5.0)  # attach every GPU, so identities and handles are known before anyone asks
+        if self._events is not None:
+            self._events.start()
+            self._events.first_registration.wait(5.0)
         self.initialised.set()
         while not self._stop.wait(self._rediscover_interval):
             self._rediscover()
+
+    # -- for the event watcher and the journal follower --------------------------------------------
+    def attached(self) -> dict[str, Any]:
+        """uuid -> NVML handle of every GPU that answered its last collection."""
+        with self._lock:
+            return {g.identity.uuid: g.reader.handle for g in self._gpus if g.up and g.reader is not None}
+
+    def resolve_pci(self, key: tuple[int, int, int]) -> str | None:
+        with self._lock:
+            for g in self._gpus:
+                if g.identity.uuid and pci_key(g.identity.pci_bus_id) == key:
+                    return g.identity.uuid
+        return None
 
     def _rediscover(self) -> None:
         """Add GPUs that enumeration shows and we do not track yet. GPUs that vanish are kept:
@@ -283,7 +318,7 @@ class Collector:
 
     def _snapshot(self, stale: set[int]) -> Snapshot:
         with self._lock:
-            gpus = tuple(
+            base = [
                 GpuSnapshot(
                     identity=g.identity,
                     up=g.up,
@@ -293,7 +328,9 @@ class Collector:
                     collect_seconds=g.duration,
                 )
                 for g in self._gpus
-            )
+            ]
+        gpus = tuple(self._diagnosed(g) for g in base)
+        with self._lock:
             state = ExporterState(
                 nvml_up=self._nvml_up,
                 driver_version=self._driver_version,
@@ -301,5 +338,34 @@ class Collector:
                 timeouts=dict(self._timeouts),
                 invalid_readings=dict(self._invalid),
                 last_collect_timestamp=self._wall(),
+                journal_up=self._journal_up(),
             )
         return Snapshot(gpus=gpus, state=state, taken_at=self._clock())
+
+    def _journal_up(self) -> bool | None:
+        j = self._journal
+        if j is None:
+            return False
+        return j.available if j.done_backfill.is_set() else None
+
+    def _diagnosed(self, g: GpuSnapshot) -> GpuSnapshot:
+        """Add Xid series and the diagnosis; these stay on the page while the GPU is lost."""
+        uuid = g.identity.uuid
+        if not uuid:
+            return g
+        now, mono = self._wall(), self._clock()
+        prev, prev_at = self._prev.get(g.identity.index, (None, 0.0))
+        if g.up and not g.stale:
+            self._prev[g.identity.index] = (g, mono)
+        history = self.xids.history(uuid)
+        d = diagnose(g, history, prev if g.up else None, mono - prev_at, now)
+        values: Values = {name: dict(series) for name, series in g.values.items()}
+        for code, (count, last) in sorted(self.xids.series(uuid).items()):
+            values.setdefault("nvidia_gpu_xid_errors_total", {})[(str(code),)] = count
+            values.setdefault("nvidia_gpu_xid_last_timestamp_seconds", {})[(str(code),)] = last
+        for name, count in sorted(self.xids.events(uuid).items()):
+            values.setdefault("nvidia_gpu_nvml_events_total", {})[(name,)] = float(count)
+        values["nvidia_gpu_health"] = {(c.name,): float(STATUS_VALUE[c.status]) for c in d.checks}
+        values["nvidia_gpu_recommended_action"] = {(d.action,): 1.0}
+        return GpuSnapshot(identity=g.identity, up=g.up, values=values, errors=g.errors, stale=g.stale,
+                           collect_seconds=g.collect_seconds, diagnosis=d)

@@ -101,6 +101,8 @@ def _exporter_samples(metric: Metric, snap: Snapshot, build: BuildInfo) -> Itera
             series = [(key, float(n)) for key, n in sorted(s.nvml_errors.items())]
         case "nvml_exporter_invalid_readings_total":
             series = [((m,), float(n)) for m, n in sorted(s.invalid_readings.items())]
+        case "nvml_exporter_journal_up":
+            series = [] if s.journal_up is None else [((), 1.0 if s.journal_up else 0.0)]
         case "nvml_exporter_last_collect_timestamp_seconds":
             series = [((), s.last_collect_timestamp)] if s.last_collect_timestamp else []
         case _:

@@ -435,3 +435,68 @@ def bindings_version() -> str:
     except Exception:  # not installed as a distribution (vendored copy): say so rather than fail
         return "unknown"
 
+
+
+# Event types (nvml.h nvmlEventType*): what the watcher asks for, where the board supports it.
+EVENT_XID = 0x8
+EVENT_DOUBLE_BIT_ECC = 0x2
+EVENT_GPU_UNAVAILABLE = 0x4000
+EVENT_RECOVERY_ACTION = 0x8000
+EVENT_NAMES = {EVENT_XID: "xid", EVENT_DOUBLE_BIT_ECC: "double_bit_ecc", EVENT_GPU_UNAVAILABLE: "gpu_unavailable",
+               EVENT_RECOVERY_ACTION: "recovery_action"}
+
+
+@dataclass(frozen=True)
+class Event:
+    uuid: str
+    type: int
+    data: int
+
+
+class EventSet:
+    """An NVML event set. wait() blocks in the driver (the GIL is released), so it runs in its own thread."""
+
+    def __init__(self) -> None:
+        try:
+            self._set = pynvml.nvmlEventSetCreate()
+        except pynvml.NVMLError as e:
+            raise NvmlError("nvmlEventSetCreate", e.value) from None
+
+    def register(self, handle: Any, wanted: int) -> int:
+        """Register for `wanted` event types as far as the board supports them; returns the mask registered."""
+        try:
+            mask = wanted & int(pynvml.nvmlDeviceGetSupportedEventTypes(handle))
+            if mask:
+                pynvml.nvmlDeviceRegisterEvents(handle, mask, self._set)
+            return mask
+        except pynvml.NVMLError as e:
+            if e.value in LOST_CODES:
+                raise GpuLost("nvmlDeviceRegisterEvents", e.value) from None
+            raise NvmlError("nvmlDeviceRegisterEvents", e.value) from None
+
+    def wait(self, timeout_ms: int) -> Event | None:
+        try:
+            data = pynvml.nvmlEventSetWait(self._set, timeout_ms)
+            return Event(_str(pynvml.nvmlDeviceGetUUID(data.device)), int(data.eventType), int(data.eventData))
+        except pynvml.NVMLError as e:
+            if e.value == pynvml.NVML_ERROR_TIMEOUT:
+                return None
+            if e.value in LOST_CODES:
+                raise GpuLost("nvmlEventSetWait_v2", e.value) from None
+            raise NvmlError("nvmlEventSetWait_v2", e.value) from None
+
+    def free(self) -> None:
+        try:
+            pynvml.nvmlEventSetFree(self._set)
+        except pynvml.NVMLError as e:
+            raise NvmlError("nvmlEventSetFree", e.value) from None
+
+
+def uuid_of(handle: Any) -> str:
+    """The UUID behind a handle; raises GpuLost while the GPU is off the bus."""
+    try:
+        return _str(pynvml.nvmlDeviceGetUUID(handle))
+    except pynvml.NVMLError as e:
+        if e.value in LOST_CODES:
+            raise GpuLost("nvmlDeviceGetUUID", e.value) from None
+        raise NvmlError("nvmlDeviceGetUUID", e.value) from None

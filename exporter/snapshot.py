@@ -7,6 +7,10 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .diagnosis import Diagnosis
 
 # metric name -> label values (in the order of Metric.labels) -> value
 Values = dict[str, dict[tuple[str, ...], float]]
@@ -33,6 +37,7 @@ class GpuSnapshot:
     # True when the GPU missed the deadline and `values` are its last good ones
     stale: bool = False
     collect_seconds: float = 0.0
+    diagnosis: Diagnosis | None = None
 
     def value(self, metric: str, *labels: str) -> float | None:
         return self.values.get(metric, {}).get(tuple(labels))
@@ -48,6 +53,7 @@ class ExporterState:
     timeouts: Mapping[str, int] = field(default_factory=dict)
     invalid_readings: Mapping[str, int] = field(default_factory=dict)
     last_collect_timestamp: float = 0.0
+    journal_up: bool | None = None  # None until the journal has been tried
 
 
 @dataclass(frozen=True)

@@ -91,7 +91,8 @@ def start_exporter(tmp_path: Path) -> Iterator[Callable[..., Exporter]]:
     started: list[Exporter] = []
 
     def start(fake: FakeNvml | None, *args: str, env: dict[str, str] | None = None, wait_healthy: bool = True,
-              scheme: str = "http", opener: urllib.request.OpenerDirector | None = None) -> Exporter:
+              scheme: str = "http", opener: urllib.request.OpenerDirector | None = None,
+              wait_ready: bool = False) -> Exporter:
         port = free_port()
         log_path = tmp_path / f"exporter-{port}.log"
         full_env = {k: v for k, v in os.environ.items() if not k.startswith(("FAKE_NVML", "LD_LIBRARY_PATH"))}
@@ -113,6 +114,8 @@ def start_exporter(tmp_path: Path) -> Iterator[Callable[..., Exporter]]:
                 except OSError:
                     return False
             wait_for(healthy)
+        if wait_ready:
+            wait_for(lambda: exp.get("/-/ready", timeout=2)[0] == 200)
         return exp
 
     yield start

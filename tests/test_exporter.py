@@ -9,7 +9,7 @@ import time
 from prometheus_client.parser import text_string_to_metric_families
 
 from nvml_exporter.metrics import ALL_METRICS, GPU_METRICS
-from tests.conftest import gpu_series, require_tool, samples
+from tests.conftest import gpu_series, require_tool, samples, wait_for
 from tests.fakenvml.scenario import FakeNvml, h100_node
 
 MIB = 1 << 20
@@ -52,10 +52,19 @@ def test_every_metric_with_the_value_the_scenario_implies(fake: FakeNvml, start_
     fake.state = state
     fake.write()
     t0 = time.time()
-    exp = start_exporter(fake)
-    page = exp.metrics()
+    exp = start_exporter(fake, "--collect.min-interval=10ms", "--no-xid.journal", wait_ready=True)
+    fake.xid(0, 13)
+    fake.event(1, 0x2, 0)  # a double-bit ECC event
+    uuid0, uuid1 = state["gpu.0.uuid"], state["gpu.1.uuid"]
+    xid13 = f'nvidia_gpu_xid_errors_total{{gpu="0",uuid="{uuid0}",xid="13"}}'
+    page = str(wait_for(lambda: (p := exp.metrics()) and "nvidia_gpu_nvml_events_total{" in p
+                        and samples(p).get(xid13) == 1 and p))
     elapsed = time.time() - t0 + 1
     s = samples(page)
+    assert s[f'nvidia_gpu_xid_errors_total{{gpu="0",uuid="{uuid0}",xid="13"}}'] == 1
+    assert t0 <= s[f'nvidia_gpu_xid_last_timestamp_seconds{{gpu="0",uuid="{uuid0}",xid="13"}}'] <= time.time()
+    assert s[f'nvidia_gpu_nvml_events_total{{gpu="1",uuid="{uuid1}",type="double_bit_ecc"}}'] == 1
+    assert s["nvml_exporter_journal_up"] == 0  # journal off: NVML events only
 
     def g(i: int, key: str) -> float:
         return float(int(state[f"gpu.{i}.{key}"], 0))
@@ -146,6 +155,12 @@ def test_every_metric_with_the_value_the_scenario_implies(fake: FakeNvml, start_
     families = {line.split()[2] for line in page.splitlines() if line.startswith("# TYPE ")}
     missing = {m.name for m in ALL_METRICS} - families - {"nvml_exporter_invalid_readings_total"}
     assert not missing
+    # GPU 3's throttling and pending remap show in its diagnosis
+    uuid3 = state["gpu.3.uuid"]
+    assert s[f'nvidia_gpu_health{{gpu="3",uuid="{uuid3}",check="thermal"}}'] == 2
+    assert s[f'nvidia_gpu_health{{gpu="3",uuid="{uuid3}",check="memory"}}'] == 1
+    assert s[f'nvidia_gpu_recommended_action{{gpu="3",uuid="{uuid3}",action="reset_gpu"}}'] == 1
+    assert s[f'nvidia_gpu_recommended_action{{gpu="5",uuid="{state["gpu.5.uuid"]}",action="none"}}'] == 1
 
 
 def test_page_passes_promtool_and_prometheus_client_parser(fake: FakeNvml, start_exporter) -> None:
@@ -160,6 +175,9 @@ def test_page_passes_promtool_and_prometheus_client_parser(fake: FakeNvml, start
     assert families["nvidia_gpu_temperature_celsius"].type == "gauge"
     assert len(families["nvidia_gpu_up"].samples) == 8
     for m in GPU_METRICS:
+        if m.name in ("nvidia_gpu_xid_errors_total", "nvidia_gpu_xid_last_timestamp_seconds",
+                      "nvidia_gpu_nvml_events_total"):
+            continue  # only once an event arrived; covered above
         family = families.get(m.name.removesuffix("_total"))
         assert family is not None, m.name
         for sample in family.samples:

@@ -19,8 +19,11 @@ def test_lost_gpu_goes_down_alone_and_comes_back_by_uuid(fake: FakeNvml, start_e
     fake.gpu(3, lost=1)  # NVML 15 on every call and handle lookup of GPU 3
     page = wait_for(lambda: (p := exp.metrics()) and f'nvidia_gpu_up{{gpu="3",uuid="{uuid3}"}} 0' in p and p)
     lost = gpu_series(page, 3)
-    # only up (0) and identity remain for the lost GPU
-    assert set(k.split("{")[0] for k in lost) == {"nvidia_gpu_up", "nvidia_gpu_info"}
+    # only up (0), identity and the diagnosis remain for the lost GPU
+    assert set(k.split("{")[0] for k in lost) == {"nvidia_gpu_up", "nvidia_gpu_info", "nvidia_gpu_health",
+                                                  "nvidia_gpu_recommended_action"}
+    assert lost[f'nvidia_gpu_health{{gpu="3",uuid="{uuid3}",check="availability"}}'] == 2
+    assert lost[f'nvidia_gpu_recommended_action{{gpu="3",uuid="{uuid3}",action="reboot_node"}}'] == 1
     for other in (0, 1, 2, 4, 5, 6, 7):  # the rest keep serving everything
         assert samples(page)[f'nvidia_gpu_up{{gpu="{other}",uuid="{fake.state[f"gpu.{other}.uuid"]}"}}'] == 1
         assert len(gpu_series(page, other)) == len(gpu_series(before, other))

@@ -1,0 +1,101 @@
+"""Background watcher of NVML events: Xids (and, where the board supports them, double-bit ECC,
+GPU-unavailable and recovery-action events) into the XidStore. It never blocks a scrape: it runs in
+its own thread and the scrape only reads the store."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from .nvml import EVENT_NAMES, EVENT_XID, EventSet, GpuLost, NvmlError, uuid_of
+from .xidstore import XidEvent, XidStore
+
+log = logging.getLogger("nvml_exporter.events")
+
+WANTED = sum(EVENT_NAMES)
+WAIT_MS = 500
+RECHECK_SECONDS = 2.0  # how often the set of attached GPUs is compared with the registered one
+
+
+class EventWatcher:
+    def __init__(self, attached: Callable[[], dict[str, Any]], store: XidStore,
+                 on_error: Callable[[str, int], None], clock: Callable[[], float] = time.time):
+        """`attached()` gives uuid -> NVML handle for the GPUs that answer now."""
+        self._attached = attached
+        self._store = store
+        self._on_error = on_error
+        self._clock = clock
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="nvml-events", daemon=True)
+        self.registered: dict[str, int] = {}  # uuid -> event mask, for tests and the landing page
+        self.first_registration = threading.Event()
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _register(self) -> EventSet | None:
+        try:
+            es = EventSet()
+        except NvmlError as e:
+            self._on_error(e.function, e.code)
+            return None
+        registered = {}
+        for uuid, handle in self._attached().items():
+            try:
+                uuid_of(handle)  # a lost GPU would make every wait fail: leave it out until it is back
+                registered[uuid] = es.register(handle, WANTED)
+            except NvmlError as e:  # GpuLost included
+                self._on_error(e.function, e.code)
+        if registered != self.registered:
+            log.info("registered for NVML events", extra={"gpus": len(registered)})
+        self.registered = registered
+        self.first_registration.set()
+        return es
+
+    def _run(self) -> None:
+        es: EventSet | None = None
+        checked = 0.0
+        while not self._stop.is_set():
+            now = time.monotonic()
+            if es is None or (now - checked >= RECHECK_SECONDS and set(self._attached()) != set(self.registered)):
+                if es is not None:
+                    self._free(es)
+                es = self._register()
+                checked = now
+                if es is None:
+                    self._stop.wait(1.0)
+                    continue
+            try:
+                event = es.wait(WAIT_MS)
+            except GpuLost as e:
+                # A registered GPU fell off the bus: start over without it (it rejoins when it is back).
+                self._on_error(e.function, e.code)
+                self._free(es)
+                es = None
+                self._stop.wait(0.2)
+                continue
+            except NvmlError as e:
+                self._on_error(e.function, e.code)
+                self._stop.wait(1.0)
+                continue
+            if event is None:
+                continue
+            if event.type == EVENT_XID:
+                self._store.record(XidEvent(event.uuid, event.data, self._clock(), "nvml"))
+                log.error("Xid", extra={"uuid": event.uuid, "xid": event.data})
+            else:
+                self._store.record_event(event.uuid, EVENT_NAMES.get(event.type, hex(event.type)))
+        if es is not None:
+            self._free(es)
+
+    def _free(self, es: EventSet) -> None:
+        try:
+            es.free()
+        except NvmlError as e:
+            self._on_error(e.function, e.code)

@@ -1,0 +1,114 @@
+"""Xids from the kernel journal (this boot), through systemd-python: the ones that happened while the
+exporter was down, and the message text NVML events do not carry. Without journald (containers, no
+systemd-python) the exporter says so once and relies on NVML events alone."""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import threading
+from collections.abc import Callable
+from datetime import datetime
+
+from .xidstore import XidEvent, XidStore
+
+log = logging.getLogger("nvml_exporter.journal")
+
+JOURNAL_DIRS = ("/run/log/journal", "/var/log/journal")
+
+# NVRM: Xid (PCI:0000:3b:00): 79, pid='<unknown>', name=<unknown>, GPU has fallen off the bus.
+XID_LINE = re.compile(r"NVRM: Xid \(PCI:(?P<pci>[0-9a-fA-F]+:[0-9a-fA-F]+:[0-9a-fA-F]+)(?:\.[0-7])?\): "
+                      r"(?P<code>\d+),? ?(?P<text>.*)")
+
+
+def pci_key(address: str) -> tuple[int, int, int] | None:
+    """'0000:3b:00', '00000000:3B:00.0' -> (domain, bus, device)."""
+    parts = address.split(".")[0].split(":")
+    if len(parts) != 3:
+        return None
+    try:
+        domain, bus, device = (int(p, 16) for p in parts)
+    except ValueError:
+        return None
+    return domain, bus, device
+
+
+def parse(message: str) -> tuple[tuple[int, int, int], int, str] | None:
+    m = XID_LINE.search(message)
+    if not m:
+        return None
+    key = pci_key(m["pci"])
+    return (key, int(m["code"]), m["text"].strip()) if key else None
+
+
+class JournalFollower:
+    def __init__(self, store: XidStore, resolve: Callable[[tuple[int, int, int]], str | None],
+                 path: str | None = None, ready: threading.Event | None = None):
+        """`resolve` maps a PCI address to the GPU's UUID; `path` reads a journal file or directory
+        instead of the system journal; `ready` is set once GPU identities are known."""
+        self._store = store
+        self._resolve = resolve
+        self._path = path
+        self._ready = ready
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="journal", daemon=True)
+        self.available = True
+        self.done_backfill = threading.Event()
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _open(self):  # type: ignore[no-untyped-def]  # systemd.journal.Reader, an optional dependency
+        from systemd import journal
+
+        if self._path is None:
+            if not any(os.path.isdir(d) for d in JOURNAL_DIRS):
+                raise OSError(f"no journal in {' or '.join(JOURNAL_DIRS)} (journald not running here)")
+            reader = journal.Reader()
+        elif self._path.endswith(".journal"):
+            reader = journal.Reader(files=[self._path])
+        else:
+            reader = journal.Reader(path=self._path)
+        reader.this_boot()
+        reader.add_match(_TRANSPORT="kernel")
+        return reader
+
+    def _run(self) -> None:
+        try:
+            reader = self._open()
+        except (ImportError, OSError) as e:
+            self.available = False
+            self.done_backfill.set()
+            log.warning("kernel journal not available; counting Xids from NVML events only",
+                        extra={"error": str(e)})
+            return
+        if self._ready is not None:
+            while not self._ready.wait(0.5):
+                if self._stop.is_set():
+                    return
+        self._drain(reader)
+        self.done_backfill.set()
+        while not self._stop.wait(1.0):
+            reader.process()  # notice new and rotated journal files
+            self._drain(reader)
+
+    def _drain(self, reader) -> None:  # type: ignore[no-untyped-def]
+        for entry in reader:
+            message = entry.get("MESSAGE", "")
+            if isinstance(message, bytes):
+                message = message.decode(errors="replace")
+            parsed = parse(message)
+            if parsed is None:
+                continue
+            key, code, text = parsed
+            uuid = self._resolve(key)
+            if uuid is None:
+                log.warning("Xid for a PCI address that is no GPU of ours", extra={"message": message})
+                continue
+            stamp = entry.get("__REALTIME_TIMESTAMP")
+            ts = stamp.timestamp() if isinstance(stamp, datetime) else 0.0
+            self._store.record(XidEvent(uuid, code, ts, "journal", text))
