@@ -41,6 +41,7 @@ demo: deps venv fakenvml
 
 docs: venv
 	$(BIN)/python -m nvml_exporter.metrics > docs/metrics.md
+	$(BIN)/python -m nvml_exporter.xid > docs/xid-catalog.md
 
 clean:
 	rm -rf build dist $(VENV)

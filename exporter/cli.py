@@ -57,8 +57,8 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="nvml-exporter", description="Prometheus exporter for NVIDIA GPU health over NVML.",
-                allow_abbrev=False)
+    p = _Parser(prog="nvml-exporter", description="Prometheus exporter for NVIDIA GPU health over NVML. "
+                "`nvml-exporter diagnose --help`: a one-shot report on this node's GPUs.", allow_abbrev=False)
     p.add_argument("--web.listen-address", dest="listen", type=listen_address, default=":9400",
                    metavar="ADDR", help="address to listen on (default :9400)")
     p.add_argument("--web.telemetry-path", dest="path", type=telemetry_path, default="/metrics",
@@ -85,6 +85,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["diagnose"]:
+        from . import diagnose
+
+        logs.setup("error", "logfmt")
+        return diagnose.main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     logs.setup(args.log_level, args.log_format)

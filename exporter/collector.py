@@ -32,6 +32,8 @@ from .xidstore import XidStore
 
 log = logging.getLogger("nvml_exporter.collector")
 
+FOLLOWER_WAIT = 1.0  # seconds a scrape waits for another scrape's collection before serving what is known
+
 
 class _Worker:
     """One daemon thread per GPU. Daemon, unlike ThreadPoolExecutor's: a driver call that never
@@ -112,6 +114,7 @@ class Collector:
         self._manager: threading.Thread | None = None
         self.initialised = threading.Event()  # NVML came up at least once (readiness)
         self.tried = threading.Event()  # the first init attempt finished, either way
+        self.last_init_error = ""
         self.xids = XidStore(clock=wall)
         self._prev: dict[int, tuple[GpuSnapshot, float]] = {}
         self._events = EventWatcher(self.attached, self.xids, self._count_error, clock=wall) if events else None
@@ -134,6 +137,10 @@ class Collector:
             gpus = list(self._gpus)
         for g in gpus:
             g.worker.shutdown()
+        try:
+            self._lib.shutdown()
+        except NvmlError as e:
+            log.warning("NVML shutdown failed", extra={"error": str(e)})
 
     def _manage(self) -> None:
         delay, max_delay = self._init_backoff
@@ -144,6 +151,7 @@ class Collector:
                 break
             except NvmlError as e:
                 self._count_error(e.function, e.code)
+                self.last_init_error = str(e)
                 log.warning("NVML not available, retrying", extra={"error": str(e), "retry_in_s": delay})
             finally:
                 self.tried.set()
@@ -278,10 +286,12 @@ class Collector:
             flight = self._inflight
             assert flight is not None
         if not leader:
+            # Share the collection in flight, but not for long: past FOLLOWER_WAIT, serve the last good
+            # GPU values with fresh Xids rather than hold this scrape on the GPU that keeps the leader.
             try:
-                return flight.result(timeout=max(0.0, deadline - self._clock()))
+                return flight.result(timeout=max(0.0, min(deadline - self._clock(), FOLLOWER_WAIT)))
             except FutureTimeout:
-                return last if last is not None else self._snapshot(set())
+                return self._snapshot(set())
         try:
             snap = self._collect(deadline)
             flight.set_result(snap)
@@ -341,6 +351,11 @@ class Collector:
                 journal_up=self._journal_up(),
             )
         return Snapshot(gpus=gpus, state=state, taken_at=self._clock())
+
+    def wait_journal(self, timeout: float) -> bool:
+        """Wait for the journal backfill; True if the journal could be read."""
+        j = self._journal
+        return j is not None and j.done_backfill.wait(timeout) and j.available
 
     def _journal_up(self) -> bool | None:
         j = self._journal

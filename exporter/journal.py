@@ -69,6 +69,8 @@ class JournalFollower:
             if not any(os.path.isdir(d) for d in JOURNAL_DIRS):
                 raise OSError(f"no journal in {' or '.join(JOURNAL_DIRS)} (journald not running here)")
             reader = journal.Reader()
+        elif not os.path.exists(self._path):
+            raise OSError(f"{self._path} does not exist")
         elif self._path.endswith(".journal"):
             reader = journal.Reader(files=[self._path])
         else:
@@ -105,10 +107,12 @@ class JournalFollower:
             if parsed is None:
                 continue
             key, code, text = parsed
-            uuid = self._resolve(key)
-            if uuid is None:
-                log.warning("Xid for a PCI address that is no GPU of ours", extra={"message": message})
-                continue
             stamp = entry.get("__REALTIME_TIMESTAMP")
             ts = stamp.timestamp() if isinstance(stamp, datetime) else 0.0
+            uuid = self._resolve(key)
+            if uuid is None:
+                pci = "{:08x}:{:02x}:{:02x}.0".format(*key)
+                log.warning("Xid for a PCI address no GPU answers for", extra={"pci": pci, "message": message})
+                self._store.record_unresolved(pci, XidEvent("", code, ts, "journal", text))
+                continue
             self._store.record(XidEvent(uuid, code, ts, "journal", text))

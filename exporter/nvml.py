@@ -406,6 +406,11 @@ class Library:
             raise NvmlError("nvmlInit", e.value) from None
         self.initialised = True
 
+    def shutdown(self) -> None:
+        if self.initialised:
+            self.initialised = False
+            self._checked("nvmlShutdown", pynvml.nvmlShutdown)
+
     def _checked(self, function: str, fn: Callable[..., Any], *args: Any) -> Any:
         try:
             return fn(*args)

@@ -205,3 +205,27 @@ def count_bursts(timestamps: Iterable[float]) -> int:
             bursts += 1
         last = t
     return bursts
+
+
+def render_markdown() -> str:
+    """docs/xid-catalog.md (`python -m nvml_exporter.xid`)."""
+    lines = ["# Xid catalog", "",
+             "Generated from `exporter/xid.py` by `python -m nvml_exporter.xid`; do not edit by hand.", "",
+             "| tier | severity | default action | meaning |", "|---|---|---|---|"]
+    lines += [f"| {t} | {sev} | {act} | {text} |" for t, (sev, act, text) in TIERS.items()]
+    lines += ["", "| Xid | name | category | tier | severity | action | NVIDIA immediate action |",
+              "|---:|---|---|---|---|---|---|"]
+    lines += [f"| {x.code} | {x.name} | {x.category} | {x.tier} | {x.severity} | {x.action} | {x.nvidia_action} |"
+              for x in sorted(CATALOG.values(), key=lambda x: x.code)]
+    lines += ["", "Repeat rules (bursts end after 3 minutes of silence):", "",
+              "| rule | Xids | bursts | window | severity | action |", "|---|---|---|---|---|---|"]
+    lines += [f"| {r.name} | {', '.join(map(str, sorted(r.codes)))} | {r.bursts} | {r.window_seconds / 3600:g} h "
+              f"| {r.severity} | {r.action} |" for r in REPEAT_RULES]
+    lines += ["", "A code not in this table is treated as `unexpected` (warning, contact_support)."]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.stdout.write(render_markdown())

@@ -61,6 +61,16 @@ class XidStore:
         self.started_at = clock() if started_at is None else started_at
         self._lock = threading.Lock()
         self._gpus: dict[str, _Gpu] = {}
+        # Xids for PCI addresses no GPU of ours answers for (a GPU lost before we could identify it)
+        self._unresolved: deque[tuple[str, XidEvent]] = deque(maxlen=HISTORY_MAX)
+
+    def record_unresolved(self, pci: str, event: XidEvent) -> None:
+        with self._lock:
+            self._unresolved.append((pci, event))
+
+    def unresolved(self) -> tuple[tuple[str, XidEvent], ...]:
+        with self._lock:
+            return tuple(self._unresolved)
 
     def record(self, event: XidEvent) -> bool:
         """Count an Xid; False when it is the other source's report of one already counted."""

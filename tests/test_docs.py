@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from nvml_exporter import xid
 from nvml_exporter.metrics import ALL_METRICS, render_markdown
 from tests.fakenvml.scenario import REPO, SHIPPED_H100X8, h100_node, read_conf
 
@@ -22,3 +23,7 @@ def test_metric_names_follow_the_contract() -> None:
 
 def test_shipped_demo_scenario_is_the_generated_one() -> None:
     assert read_conf(SHIPPED_H100X8) == h100_node(8), "regenerate: python -m tests.fakenvml.scenario"
+
+
+def test_xid_catalog_doc_is_generated() -> None:
+    assert (REPO / "docs" / "xid-catalog.md").read_text() == xid.render_markdown(), "run `make docs`"
