@@ -25,7 +25,7 @@ $(FAKE): tests/fakenvml/fakenvml.c | deps
 	$(CC) $(CFLAGS_FAKE) -o $@ $< -lpthread
 
 lint: venv
-	$(BIN)/ruff check exporter tests
+	$(BIN)/ruff check exporter tests dashboards
 
 test: deps venv fakenvml lint
 	$(BIN)/python -m pytest -q
@@ -42,6 +42,7 @@ demo: deps venv fakenvml
 docs: venv
 	$(BIN)/python -m nvml_exporter.metrics > docs/metrics.md
 	$(BIN)/python -m nvml_exporter.xid > docs/xid-catalog.md
+	$(BIN)/python dashboards/generate.py
 
 clean:
 	rm -rf build dist $(VENV)

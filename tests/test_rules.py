@@ -81,7 +81,8 @@ def test_xid_tiers_come_from_the_catalog(alert: str, tiers: tuple[str, ...]) -> 
 def test_unexpected_xids_are_everything_but_the_documented_tiers() -> None:
     assert xids_in(BY_NAME["GpuXidUnexpected"]["expr"]) == {c for c, x in CATALOG.items() if x.tier != "unexpected"}
     records = (RULES / "nvml-exporter-records.yml").read_text()
-    critical = {int(c) for c in re.search(r'xid=~"([0-9|]+)"', records).group(1).split("|")}
+    faults = records.split("record: fleet:nvidia_gpu_critical_faults:increase5m", 1)[1]
+    critical = {int(c) for c in re.search(r'xid=~"([0-9|]+)"', faults).group(1).split("|")}
     assert critical == set(tier_codes("reset", "double_bit_ecc", "fell_off_bus", "nvlink", "mechanical"))
 
 
@@ -90,3 +91,17 @@ def test_alertmanager_example_is_valid() -> None:
                             capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "3 inhibit rules" in result.stdout
+
+
+def test_xid_categories_come_from_the_catalog() -> None:
+    from nvml_exporter.xid import CATEGORIES
+
+    records = (RULES / "nvml-exporter-records.yml").read_text()
+    rule = records.split("record: category:nvidia_gpu_xids:increase1h", 1)[1].split("- record:", 1)[0]
+    found = dict(re.findall(r'xid=~"([0-9|]+)"\}\[1h\]\), "category", "(\w+)"', rule))
+    by_category = {cat: {int(c) for c in codes.split("|")} for codes, cat in found.items()}
+    for category in CATEGORIES:
+        if category != "hardware":
+            assert by_category[category] == {c for c, x in CATALOG.items() if x.category == category}, category
+    rest = {int(c) for c in re.search(r'xid!~"([0-9|]+)"', rule).group(1).split("|")}
+    assert rest == {c for c, x in CATALOG.items() if x.category != "hardware"}
