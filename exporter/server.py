@@ -16,7 +16,9 @@ from urllib.parse import urlsplit
 from . import __version__
 from .exposition import CONTENT_TYPE, BuildInfo, render
 from .snapshot import Snapshot
-from .webconfig import WebConfig
+from .webconfig import WebConfig, parse_listen_address
+
+__all__ = ["App", "Server", "parse_listen_address"]
 
 log = logging.getLogger("nvml_exporter.http")
 
@@ -151,12 +153,3 @@ class Server(ThreadingHTTPServer):
             sock = ctx.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
         return sock, addr
 
-
-def parse_listen_address(value: str) -> tuple[str, int]:
-    """':9400', '0.0.0.0:9400', 'localhost:9400', '[::1]:9400' -> (host, port)."""
-    host, sep, port = value.rpartition(":")
-    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ValueError(f"invalid listen address {value!r}: want [host]:port")
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    return host, int(port)

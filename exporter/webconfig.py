@@ -151,3 +151,12 @@ def load(path: str) -> WebConfig:
         headers={str(k): str(v) for k, v in headers.items()},
     )
 
+
+def parse_listen_address(value: str) -> tuple[str, int]:
+    """':9400', '0.0.0.0:9400', 'localhost:9400', '[::1]:9400' -> (host, port)."""
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"invalid listen address {value!r}: want [host]:port")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    return host, int(port)

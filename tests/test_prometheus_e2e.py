@@ -9,90 +9,33 @@ the 5-minute reliability group run every 2 seconds; expressions are unchanged.
 from __future__ import annotations
 
 import json
-import re
-import subprocess
 import time
-import urllib.parse
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import free_port, require_tool, wait_for
+from tests import promstack
+from tests.conftest import wait_for
 from tests.fakenvml.scenario import REPO, FakeNvml
+from tests.promstack import Api
 
 VARIABLES = {"$instance": ".*", "$gpu": ".*", "$__rate_interval": "30s", "${datasource}": "", "$N": "1024",
              "$T": "24", "$C": "0.05"}
 
 
-def scaled_rules(tmp_path: Path) -> list[str]:
-    out = []
-    for name in ("nvml-exporter-alerts.yml", "nvml-exporter-records.yml"):
-        text = (REPO / "rules" / name).read_text()
-        text = re.sub(r"(\n\s+for: )(\d+)m", r"\1\2s", text)
-        text = text.replace("interval: 5m", "interval: 2s")
-        (tmp_path / name).write_text(text)
-        out.append(str(tmp_path / name))
-    return out
-
-
-class Prometheus:
-    def __init__(self, port: int):
-        self.url = f"http://127.0.0.1:{port}"
-
-    def get(self, path: str, **params: str) -> dict:
-        query = f"?{urllib.parse.urlencode(params)}" if params else ""
-        with urllib.request.urlopen(self.url + path + query, timeout=10) as r:
-            return json.loads(r.read())
-
-    def query(self, expr: str) -> list[dict]:
-        body = self.get("/api/v1/query", query=expr)
-        assert body["status"] == "success", body
-        return body["data"]["result"]
-
-    def alerts(self) -> list[dict]:
-        return self.get("/api/v1/alerts")["data"]["alerts"]
-
-
 @pytest.fixture
-def prometheus(tmp_path: Path, fake: FakeNvml, start_exporter) -> Iterator[Prometheus]:
+def prometheus(tmp_path: Path, fake: FakeNvml, start_exporter) -> Iterator[Api]:
     exp = start_exporter(fake, "--collect.min-interval=100ms", "--no-xid.journal", wait_ready=True)
-    port = free_port()
-    config = tmp_path / "prometheus.yml"
-    config.write_text(
-        "global: {scrape_interval: 1s, evaluation_interval: 1s, scrape_timeout: 900ms}\n"
-        f"rule_files: {json.dumps(scaled_rules(tmp_path))}\n"
-        "scrape_configs:\n"
-        "  - job_name: nvml-exporter\n"
-        f"    static_configs: [{{targets: ['127.0.0.1:{exp.port}']}}]\n")
-    with open(tmp_path / "prometheus.log", "wb") as log:
-        proc = subprocess.Popen([require_tool("prometheus"), f"--config.file={config}",
-                                 f"--storage.tsdb.path={tmp_path / 'tsdb'}",
-                                 f"--web.listen-address=127.0.0.1:{port}", "--log.level=warn"],
-                                stdout=log, stderr=subprocess.STDOUT)
-    prom = Prometheus(port)
-    try:
-        def ready() -> bool:
-            assert proc.poll() is None, (tmp_path / "prometheus.log").read_text()
-            try:
-                with urllib.request.urlopen(prom.url + "/-/ready", timeout=2) as r:
-                    return r.status == 200
-            except OSError:
-                return False
-
-        wait_for(ready, timeout=60)
+    with promstack.prometheus(tmp_path, exp.port) as prom:
         yield prom
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
 
 
-def firing(prom: Prometheus) -> set[tuple[str, str]]:
+def firing(prom: Api) -> set[tuple[str, str]]:
     return {(a["labels"]["alertname"], a["labels"].get("gpu", "")) for a in prom.alerts() if a["state"] == "firing"}
 
 
-def test_healthy_node_then_injected_faults_then_every_dashboard_query(prometheus: Prometheus,
+def test_healthy_node_then_injected_faults_then_every_dashboard_query(prometheus: Api,
                                                                       fake: FakeNvml) -> None:
     prom = prometheus
     # (a) healthy: all 8 GPUs scraped, rules evaluated many times, nothing pending or firing

@@ -1,0 +1,1 @@
+"""nvml-remediator: Alertmanager webhooks to safe GPU remediation. Never imports the collector."""

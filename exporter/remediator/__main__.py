@@ -1,0 +1,3 @@
+from nvml_exporter.remediator.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,409 @@
+"""From an Alertmanager payload to jobs, and from jobs to commands — with every rail on the way.
+
+Alert data never reaches a shell: each step is a fixed argv; the label values that go into an argv
+(node, GPU UUID, alert name, GPU index) must match strict patterns or the alert is rejected; all
+labels reach an `exec` script only as environment variables.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import signal
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from .policy import LOCAL_STEPS, REPEATABLE_STEPS, Policy, Step
+from .store import Audit, Job, Store
+
+log = logging.getLogger("nvml_remediator")
+
+NODE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
+UUID = re.compile(r"^GPU-[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$")
+SAFE = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
+FINGERPRINT = re.compile(r"^[0-9a-f]{1,32}$")
+LABEL_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
+OUTPUT_TAIL = 2000
+DEFAULT_COOLDOWNS = {"node": 600.0, "drain_node": 1800.0, "reset_gpu": 86400.0, "checkpoint_signal": 600.0}
+FAILED_OUTCOMES = frozenset({"failed", "timeout", "refused", "circuit_open", "interrupted"})
+
+
+class PayloadError(ValueError):
+    """The request is not an Alertmanager v4 payload: 400, which Alertmanager does not retry."""
+
+
+@dataclass(frozen=True)
+class Planned:
+    key: str
+    node: str
+    rule: str
+    alert: dict[str, Any]
+    steps: list[str]
+
+
+@dataclass
+class Verdicts:
+    """What became of each alert of one payload (for the HTTP answer and the metrics)."""
+
+    planned: list[Planned] = field(default_factory=list)
+    skipped: dict[str, int] = field(default_factory=dict)
+
+    def skip(self, why: str) -> None:
+        self.skipped[why] = self.skipped.get(why, 0) + 1
+
+
+def node_of(labels: Mapping[str, str], label: str) -> str:
+    value = labels.get(label, "")
+    if value.startswith("["):  # [ipv6]:port
+        return value[1:].split("]", 1)[0]
+    return value.rsplit(":", 1)[0] if value.count(":") == 1 else value
+
+
+def plan(payload: Any, policy: Policy, audit: Audit) -> Verdicts:
+    if not isinstance(payload, dict):
+        raise PayloadError("body must be a JSON object")
+    if payload.get("version") != "4":
+        raise PayloadError(f"unsupported webhook payload version {payload.get('version')!r} (want \"4\")")
+    alerts = payload.get("alerts")
+    if not isinstance(alerts, list):
+        raise PayloadError("alerts must be a list")
+    if payload.get("truncatedAlerts"):
+        audit.write("truncated", count=payload["truncatedAlerts"], group_key=str(payload.get("groupKey", "")))
+    out = Verdicts()
+    for a in alerts:
+        if not isinstance(a, dict) or not isinstance(a.get("labels"), dict):
+            raise PayloadError("every alert needs a labels object")
+        labels = {str(k): str(v) for k, v in a["labels"].items()}
+        fingerprint, starts = str(a.get("fingerprint", "")), str(a.get("startsAt", ""))
+        base = {"alertname": labels.get("alertname", ""), "fingerprint": fingerprint, "starts_at": starts}
+        audit.write("received", status=a.get("status"), labels=labels, **base)
+        if a.get("status") != "firing":
+            audit.write("skipped", reason="resolved alerts are never acted on", **base)
+            out.skip("resolved")
+            continue
+        node = node_of(labels, policy.node_label)
+        problem = _invalid(labels, node, fingerprint, starts)
+        if problem:
+            audit.write("rejected", reason=f"label failed validation: {problem}", **base)
+            out.skip("invalid_label")
+            continue
+        rule = policy.rule_for(labels)
+        if rule is None:
+            audit.write("skipped", reason="no rule matches", node=node, **base)
+            out.skip("no_rule")
+            continue
+        local = [s.name for s in rule.steps if s.kind in LOCAL_STEPS]
+        if policy.node != "any" and node != policy.node:
+            audit.write("skipped", reason=f"alert is for node {node}, this remediator acts for {policy.node}",
+                        node=node, **base)
+            out.skip("other_node")
+            continue
+        if local and not UUID.match(labels.get("uuid", "")):
+            audit.write("rejected", reason=f"steps {local} need a valid uuid label", node=node, **base)
+            out.skip("invalid_label")
+            continue
+        steps = [s.name for s in rule.steps]
+        key = f"{fingerprint}|{starts}|{rule.name}"
+        audit.write("matched", rule=rule.name, steps=steps, node=node, key=key, **base)
+        out.planned.append(Planned(key, node, rule.name, {"labels": labels, "fingerprint": fingerprint,
+                                                          "startsAt": starts}, steps))
+    return out
+
+
+def _invalid(labels: Mapping[str, str], node: str, fingerprint: str, starts: str) -> str:
+    if not NODE.match(node):
+        return f"node {node!r}"
+    if not FINGERPRINT.match(fingerprint):
+        return f"fingerprint {fingerprint!r}"
+    if not re.fullmatch(r"[0-9T:.Z+-]{10,40}", starts):
+        return f"startsAt {starts!r}"
+    if not SAFE.match(labels.get("alertname", "")):
+        return "alertname"
+    for name in ("gpu", "xid"):
+        if name in labels and not SAFE.match(labels[name]):
+            return name
+    if labels.get("uuid") and not UUID.match(labels["uuid"]):
+        return "uuid"
+    return ""
+
+
+@dataclass
+class Outcome:
+    result: str  # ok | dry_run | failed | timeout | refused | cooldown | circuit_open | interrupted
+    argv: list[list[str]] = field(default_factory=list)
+    rc: int | None = None
+    output: str = ""
+    reason: str = ""
+    seconds: float = 0.0
+
+
+class Runner:
+    """Runs one argv with a timeout; the whole process group is killed when it runs over."""
+
+    def __init__(self, env: Mapping[str, str]):
+        self._env = dict(env)
+
+    def __call__(self, argv: list[str], timeout: float, env: Mapping[str, str] | None = None) -> Outcome:
+        started = time.monotonic()
+        try:
+            proc = subprocess.Popen(argv, env={**self._env, **(env or {})}, stdin=subprocess.DEVNULL,
+                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+        except OSError as e:
+            return Outcome("failed", [argv], reason=f"cannot start {argv[0]}: {e.strerror}")
+        try:
+            out, _ = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            out, _ = proc.communicate()
+            return Outcome("timeout", [argv], rc=proc.returncode, output=out.decode(errors="replace")[-OUTPUT_TAIL:],
+                           reason=f"killed after {timeout:g}s", seconds=time.monotonic() - started)
+        text = out.decode(errors="replace")[-OUTPUT_TAIL:]
+        return Outcome("ok" if proc.returncode == 0 else "failed", [argv], rc=proc.returncode, output=text,
+                       seconds=time.monotonic() - started)
+
+
+def alert_env(job: Job) -> dict[str, str]:
+    """Alert data for scripts, as environment variables only (values are passed as they are, inertly)."""
+    labels = job.alert["labels"]
+    env = {"AM_NODE": job.node, "AM_FINGERPRINT": job.alert["fingerprint"], "AM_STARTS_AT": job.alert["startsAt"],
+           "AM_RULE": job.rule}
+    env.update({f"AM_LABEL_{k.upper()}": v for k, v in labels.items() if LABEL_NAME.match(k)})
+    return env
+
+
+class Engine:
+    def __init__(self, policy: Policy, store: Store, audit: Audit, *, execute: bool, runner: Runner,
+                 workers: int = 4, on_outcome: Callable[[str, str], None] = lambda a, r: None,
+                 clock: Callable[[], float] = time.time):
+        self.policy = policy
+        self.store = store
+        self.audit = audit
+        self.execute = execute
+        self._run = runner
+        self._workers = workers
+        self._on_outcome = on_outcome
+        self._clock = clock
+        self._wake = threading.Condition()
+        self._busy: set[str] = set()
+        self._stop = threading.Event()
+        self._breaker_lock = threading.Lock()
+        self.cooldowns = {**DEFAULT_COOLDOWNS, **policy.cooldowns}
+        self._interrupted: set[int] = set()  # jobs a previous process was running when it stopped
+
+    # -- queue ---------------------------------------------------------------------------------
+    def start(self) -> None:
+        for job in self.store.recover():
+            self._interrupted.add(job.id)
+            self.audit.write("recovered", key=job.key, node=job.node, next_step=job.next_step, steps=job.steps)
+        for i in range(self._workers):
+            threading.Thread(target=self._work, name=f"remediate-{i}", daemon=True).start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        with self._wake:
+            self._wake.notify_all()
+
+    def notify(self) -> None:
+        with self._wake:
+            self._wake.notify_all()
+
+    def _work(self) -> None:
+        while not self._stop.is_set():
+            with self._wake:
+                job = self.store.claim(self._busy)
+                if job is None:
+                    self._wake.wait(1.0)
+                    continue
+                self._busy.add(job.node)  # one job at a time per node
+            try:
+                self._run_job(job)
+            except Exception as e:  # a bug must not kill the worker: record it and fail the job
+                log.exception("job failed unexpectedly")
+                self.audit.write("failed", key=job.key, node=job.node, reason=f"internal error: {e}")
+                self.store.advance(job, job.next_step, "failed")
+            finally:
+                with self._wake:
+                    self._busy.discard(job.node)
+                    self._wake.notify_all()
+
+    # -- one job ---------------------------------------------------------------------------------
+    def _run_job(self, job: Job) -> None:
+        labels = job.alert["labels"]
+        base = {"key": job.key, "node": job.node, "rule": job.rule, "alertname": labels.get("alertname", "")}
+        if job.next_step == 0:
+            last = self.store.last_node_action(job.node, job.key)
+            if last is not None and self._clock() - last < self.cooldowns["node"]:
+                self._finish(job, "cooldown", base, "the node was acted on less than its cooldown ago", len(job.steps))
+                return
+        for index in range(job.next_step, len(job.steps)):
+            step = self._step(job.steps[index])
+            if index == job.next_step and job.id in self._interrupted and step.kind not in REPEATABLE_STEPS:
+                outcome = Outcome("interrupted", reason=f"{step.name} was running when the remediator stopped; "
+                                                         "not repeated (it may have run): check the node by hand")
+            else:
+                outcome = self._do(job, step)
+            self._on_outcome(step.kind, outcome.result)
+            self.audit.write("ran" if outcome.result in ("ok", "dry_run") else outcome.result, step=step.name,
+                             result=outcome.result, argv=outcome.argv, rc=outcome.rc, output_tail=outcome.output,
+                             reason=outcome.reason, duration_seconds=round(outcome.seconds, 3),
+                             dry_run=not self.execute, **base)
+            if outcome.result in FAILED_OUTCOMES:
+                self.store.advance(job, index + 1, "failed")
+                return
+            self.store.advance(job, index + 1, "running")
+        self.store.advance(job, len(job.steps), "done")
+        self.audit.write("done", **base)
+
+    def _finish(self, job: Job, result: str, base: dict[str, Any], reason: str, next_step: int) -> None:
+        self._on_outcome("job", result)
+        self.audit.write(result, reason=reason, **base)
+        self.store.advance(job, next_step, "done")
+
+    def _step(self, name: str) -> Step:
+        kind, _, script = name.partition(":")
+        return Step(kind, script)
+
+    def _do(self, job: Job, step: Step) -> Outcome:
+        if step.kind == "log":
+            return Outcome("ok", reason="recorded")
+        uuid = job.alert["labels"].get("uuid", "")
+        action_key = f"{step.name}:{uuid}" if step.kind == "reset_gpu" else step.name
+        cooldown = self.cooldowns.get(step.kind, 0.0)
+        last = self.store.last_action(job.node, action_key)
+        if last is not None and self._clock() - last < cooldown:
+            return Outcome("cooldown", reason=f"{step.name} ran on {job.node} {self._clock() - last:.0f}s ago")
+        if step.kind == "reset_gpu" and self.execute:
+            refused = self._reset_refused(job)  # a refused reset is not an action: no cooldown, no breaker
+            if refused is not None:
+                return refused
+        with self._breaker_lock:
+            if self.store.breaker() is not None:
+                return Outcome("circuit_open", reason="circuit breaker is open: no action until it is reset")
+            recent = self.store.actions_since(self._clock() - self.policy.breaker_window)
+            if recent >= self.policy.breaker_max:
+                reason = (f"{recent} actions in {self.policy.breaker_window:g}s reached the limit of "
+                          f"{self.policy.breaker_max}: stopping all actions")
+                self.store.trip(reason)
+                self.audit.write("breaker_tripped", reason=reason)
+                log.error("circuit breaker tripped", extra={"reason": reason})
+                return Outcome("circuit_open", reason=reason)
+            self.store.record_action(job.node, action_key, job.key)
+        if step.kind == "drain_node":
+            return self._drain(job)
+        if step.kind == "checkpoint_signal":
+            return self._checkpoint(job, uuid)
+        if step.kind == "reset_gpu":
+            return self._reset(job, uuid)
+        argv = list(self.policy.scripts[step.script])
+        return self._exec(argv, step, alert_env(job))
+
+    def _exec(self, argv: list[str], step: Step, env: Mapping[str, str] | None = None) -> Outcome:
+        if not self.execute:
+            return Outcome("dry_run", [argv], reason="dry run: would run this")
+        return self._run(argv, self.policy.timeout(step.kind), env)
+
+    def _drain(self, job: Job) -> Outcome:
+        p, labels = self.policy, job.alert["labels"]
+        reason = (f"{p.drain_prefix} {labels.get('alertname')} gpu={labels.get('gpu', '-')} "
+                  f"uuid={labels.get('uuid', '-')} fp={job.alert['fingerprint']}")
+        if p.scheduler == "slurm":
+            plan = [[p.command("scontrol"), "update", f"NodeName={job.node}", "State=DRAIN", f"Reason={reason}"]]
+        else:
+            plan = [[p.command("kubectl"), "cordon", job.node],
+                    [p.command("kubectl"), "annotate", "--overwrite", "node", job.node,
+                     f"nvml-remediator/reason={reason}"]]
+        return self._sequence(plan, Step("drain_node"))
+
+    def _sequence(self, plan: list[list[str]], step: Step) -> Outcome:
+        if not self.execute:
+            return Outcome("dry_run", plan, reason="dry run: would run these")
+        total = Outcome("ok")
+        for argv in plan:
+            o = self._run(argv, self.policy.timeout(step.kind))
+            total.argv.append(argv)
+            total.rc, total.output, total.seconds = o.rc, o.output, total.seconds + o.seconds
+            if o.result != "ok":
+                total.result, total.reason = o.result, o.reason or f"{argv[0]} exited {o.rc}"
+                break
+        return total
+
+    def _gpu_pids(self, uuid: str | None) -> tuple[Outcome, list[int]]:
+        query = [self.policy.command("nvidia_smi"), "--query-compute-apps=pid,gpu_uuid", "--format=csv,noheader"]
+        o = self._run(query, self.policy.timeout("checkpoint_signal"))
+        if o.result != "ok":
+            return o, []
+        pids = []
+        for line in o.output.splitlines():
+            parts = [x.strip() for x in line.split(",")]
+            if len(parts) >= 2 and parts[0].isdigit() and (uuid is None or parts[1] == uuid):
+                pids.append(int(parts[0]))
+        return o, pids
+
+    def _checkpoint(self, job: Job, uuid: str) -> Outcome:
+        query = [self.policy.command("nvidia_smi"), "--query-compute-apps=pid,gpu_uuid", "--format=csv,noheader"]
+        sig = signal.Signals(self.policy.checkpoint_signal).name
+        if not self.execute:
+            return Outcome("dry_run", [query], reason=f"dry run: would send {sig} to the processes on {uuid}")
+        o, pids = self._gpu_pids(uuid)
+        if o.result != "ok":
+            return o
+        sent, gone = [], []
+        for pid in pids:
+            try:
+                os.kill(pid, self.policy.checkpoint_signal)
+                sent.append(pid)
+            except ProcessLookupError:
+                gone.append(pid)
+            except PermissionError:
+                return Outcome("failed", [query], reason=f"no permission to signal pid {pid} (needs CAP_KILL)")
+        return Outcome("ok", [query], reason=f"sent {sig} to pids {sent}" + (f"; gone: {gone}" if gone else ""))
+
+    def _reset(self, job: Job, uuid: str) -> Outcome:
+        p = self.policy
+        reset = [p.command("nvidia_smi"), "--gpu-reset", "-i", uuid]
+        check = [p.command("nvidia_smi"), "-q", "-i", uuid]
+        if not self.execute:
+            return Outcome("dry_run", [reset, check], reason="dry run: would check the node is drained and no GPU "
+                                                              "has a compute process, then reset and re-check")
+        done = self._run(reset, p.timeout("reset_gpu"))
+        if done.result != "ok":
+            done.reason = done.reason or "reset failed: reboot the node (no retry)"
+            return done
+        health = self._run(check, p.timeout("reset_gpu"))
+        health.argv = [reset, check]
+        if health.result != "ok":
+            health.reason = "GPU unhealthy after the reset: reboot the node or RMA (no retry)"
+        else:
+            health.reason = "reset and healthy"
+        return health
+
+    def _reset_refused(self, job: Job) -> Outcome | None:
+        """The reset preconditions (nvidia-smi(1)): the node drained, no compute process on any GPU."""
+        drained, why = self._drained(job.node)
+        if not drained:
+            return Outcome("refused", reason=f"node not drained: {why}")
+        o, pids = self._gpu_pids(None)
+        if o.result != "ok":
+            return Outcome("refused", o.argv, reason="cannot list compute processes")
+        if pids:
+            return Outcome("refused", o.argv, reason=f"compute processes still run on the node's GPUs: {pids}")
+        return None
+
+    def _drained(self, node: str) -> tuple[bool, str]:
+        p = self.policy
+        if p.scheduler == "slurm":
+            o = self._run([p.command("scontrol"), "show", "node", "-o", node], p.timeout("default"))
+            m = re.search(r"\bState=(\S+)", o.output)
+            state = m.group(1) if m else ""
+            busy = any(s in state for s in ("ALLOCATED", "MIXED", "COMPLETING"))
+            return ("DRAIN" in state and not busy), f"Slurm state {state or 'unknown'}"
+        if p.scheduler == "kubernetes":
+            o = self._run([p.command("kubectl"), "get", "node", node, "-o", "jsonpath={.spec.unschedulable}"],
+                          p.timeout("default"))
+            return o.output.strip() == "true", f"unschedulable={o.output.strip() or 'false'}"
+        return False, "no scheduler configured"
