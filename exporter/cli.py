@@ -11,7 +11,7 @@ import threading
 from collections.abc import Sequence
 from typing import NoReturn
 
-from . import __version__, logs, webconfig
+from . import __version__, logs, sdnotify, webconfig
 from .collector import Collector
 from .exposition import BuildInfo
 from .nvml import Library
@@ -105,7 +105,8 @@ def main(argv: Sequence[str] | None = None) -> int:
               telemetry_path=args.path, collect_timeout=args.timeout)
     host, port = args.listen
     try:
-        server = Server((host, port), app)
+        activated = sdnotify.listen_socket()
+        server = Server((host, port), app, sock=activated)
     except OSError as e:
         if host == "" and e.errno == 97:  # no IPv6 on this host: all IPv4 addresses then
             server = Server(("0.0.0.0", port), app)
@@ -115,19 +116,46 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     def stop(signum: int, _frame: object) -> None:
         log.info("shutting down", extra={"signal": signal.Signals(signum).name})
+        sdnotify.notify("STOPPING=1")
         threading.Thread(target=server.shutdown, daemon=True).start()
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
     collector.start()
     log.info("listening", extra={"address": f"{host or '*'}:{server.server_address[1]}",
-                                  "tls": web.ssl_context is not None, "version": __version__})
+                                  "tls": web.ssl_context is not None, "version": __version__,
+                                  "socket_activated": activated is not None})
+    watchdog = _systemd(collector, args.timeout)
     try:
         server.serve_forever()
     finally:
+        if watchdog is not None:
+            watchdog.stop()
         collector.stop()
         server.server_close()
     return 0
+
+
+def _systemd(collector: Collector, timeout: float) -> sdnotify.Watchdog | None:
+    """READY=1 once the socket listens and NVML has been tried; then watchdog pings while healthy."""
+    def ready() -> None:
+        collector.tried.wait()
+        collector.initialised.wait(timeout)
+        sdnotify.notify(f"READY=1\nSTATUS={collector.health(float('inf'))[1]}")
+
+    threading.Thread(target=ready, name="sd-ready", daemon=True).start()
+    interval = sdnotify.watchdog_interval()
+    if interval is None:
+        return None
+
+    def healthy() -> tuple[bool, str]:
+        if collector.initialised.is_set():
+            collector.collect(min(timeout, interval))  # a collection proves the loop; cached if recent
+        return collector.health(max_hang=2 * interval)
+
+    watchdog = sdnotify.Watchdog(interval, healthy)
+    watchdog.start()
+    return watchdog
 
 
 if __name__ == "__main__":

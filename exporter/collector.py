@@ -77,6 +77,7 @@ class _Gpu:
     errors: dict[str, str] = field(default_factory=dict)
     duration: float = 0.0
     inflight: Future[None] | None = None
+    read_started: float | None = None  # monotonic start of the read in progress
 
 
 class Collector:
@@ -207,6 +208,7 @@ class Collector:
     # -- one GPU ---------------------------------------------------------------------------------
     def _read_gpu(self, gpu: _Gpu) -> None:
         started = self._clock()
+        gpu.read_started = started
         errors: dict[str, str] = {}
 
         def sink(function: str, code: int) -> None:
@@ -243,6 +245,7 @@ class Collector:
             with self._lock:
                 gpu.errors = errors
                 gpu.duration = self._clock() - started
+                gpu.read_started = None
 
     def _attach(self, gpu: _Gpu, sink: Callable[[str, int], None]) -> None:
         """Get a handle (by UUID once we know it, so a GPU that returns is the same board) and read
@@ -351,6 +354,20 @@ class Collector:
                 journal_up=self._journal_up(),
             )
         return Snapshot(gpus=gpus, state=state, taken_at=self._clock())
+
+    def health(self, max_hang: float) -> tuple[bool, str]:
+        """(healthy, status line for systemd): unhealthy while a driver call has hung over max_hang."""
+        now = self._clock()
+        with self._lock:
+            if not self._nvml_up:
+                return True, f"waiting for NVML ({self.last_init_error or 'not tried yet'})"
+            hung = [g.index for g in self._gpus if g.read_started is not None and now - g.read_started > max_hang]
+            lost = sum(1 for g in self._gpus if not g.up)
+            total = len(self._gpus)
+        status = f"{total} GPUs" + (f", {lost} lost" if lost else "")
+        if hung:
+            return False, f"{status}; NVML calls on GPU {', '.join(map(str, hung))} hung for over {max_hang:g}s"
+        return True, status
 
     def wait_journal(self, timeout: float) -> bool:
         """Wait for the journal backfill; True if the journal could be read."""

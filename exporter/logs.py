@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import os
 import sys
 import time
 
@@ -42,9 +44,45 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(_fields(record), default=str)
 
 
-def setup(level: str, fmt: str) -> None:
-    handler = logging.StreamHandler(sys.stderr)
+_PRIORITY = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3, logging.CRITICAL: 2}
+
+
+def journal_fields(record: logging.LogRecord, identifier: str) -> dict[str, str]:
+    """A log record as journal fields: the message, priority, and every extra (gpu, uuid, xid, ...) as
+    its own upper-case field, so `journalctl UUID=GPU-...` finds a GPU's lines."""
+    fields = {"MESSAGE": record.getMessage(), "PRIORITY": str(_PRIORITY.get(record.levelno, 6)),
+              "SYSLOG_IDENTIFIER": identifier, "LOGGER": record.name}
+    for k, v in record.__dict__.items():
+        if k not in _STANDARD:
+            fields[k.upper()] = str(v)
+    if record.exc_info:
+        fields["EXCEPTION"] = logging.Formatter().formatException(record.exc_info)
+    return fields
+
+
+class JournalHandler(logging.Handler):
+    def __init__(self, identifier: str):
+        super().__init__()
+        from systemd import journal  # only constructed when python3-systemd is there
+
+        self._send = journal.send
+        self._identifier = identifier
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            fields = journal_fields(record, self._identifier)
+            self._send(fields.pop("MESSAGE"), **fields)
+        except Exception:  # logging must never take the exporter down
+            self.handleError(record)
+
+
+def setup(level: str, fmt: str, identifier: str = "nvml-exporter") -> None:
+    handler: logging.Handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if fmt == "json" else LogfmtFormatter())
+    if os.environ.get("JOURNAL_STREAM"):  # stderr goes to journald: send structured records instead
+        # without python3-systemd the plain stderr lines still reach the journal
+        with contextlib.suppress(ImportError):
+            handler = JournalHandler(identifier)
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(LEVELS[level])

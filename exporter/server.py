@@ -133,13 +133,21 @@ class Server(ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
 
-    def __init__(self, address: tuple[str, int], app: App):
+    def __init__(self, address: tuple[str, int], app: App, sock: socket.socket | None = None):
         host = address[0]
         self.address_family = socket.AF_INET6 if ":" in host or host == "" else socket.AF_INET
         self.app = app
         if host == "":
             address = ("::", address[1])
-        super().__init__(address, Handler)
+        if sock is None:
+            super().__init__(address, Handler)
+            return
+        # socket activation: systemd already bound and listens on it
+        self.address_family = sock.family
+        super().__init__(sock.getsockname()[:2], Handler, bind_and_activate=False)
+        self.socket.close()
+        self.socket = sock
+        self.server_address = sock.getsockname()
 
     def server_bind(self) -> None:
         if self.address_family == socket.AF_INET6:

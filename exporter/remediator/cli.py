@@ -190,7 +190,7 @@ def serve(argv: Sequence[str]) -> int:
     p.add_argument("--log.level", dest="log_level", choices=sorted(logs.LEVELS), default="info")
     p.add_argument("--log.format", dest="log_format", choices=("logfmt", "json"), default="logfmt")
     args = p.parse_args(argv)
-    logs.setup(args.log_level, args.log_format)
+    logs.setup(args.log_level, args.log_format, "nvml-remediator")
     try:
         host, port = parse_listen_address(args.listen)
     except ValueError as e:
