@@ -74,7 +74,9 @@ def test_ready_status_watchdog_and_stopping(tmp_path: Path, fake: FakeNvml) -> N
 def test_socket_activation(fake: FakeNvml) -> None:
     port = free_port()
     env = {**os.environ, **fake.env()}
-    proc = subprocess.Popen([require_tool("systemd-socket-activate"), "-l", f"127.0.0.1:{port}", sys.executable,
+    passed = [arg for name in fake.env() for arg in ("-E", name)]  # it hands on only what it is told to
+    proc = subprocess.Popen([require_tool("systemd-socket-activate"), "-l", f"127.0.0.1:{port}", *passed,
+                             sys.executable,
                              "-m", "nvml_exporter", "--web.listen-address=127.0.0.1:1", "--no-xid.journal"],
                             env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
