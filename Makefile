@@ -8,7 +8,10 @@ DEMO_ADDRESS ?= :9400
 CFLAGS_FAKE := -O2 -g -Wall -Wextra -Werror -std=c11 -fPIC -shared -fvisibility=hidden \
                -Wl,-soname,libnvidia-ml.so.1
 
-.PHONY: deps venv fakenvml test lint demo docs clean
+VERSION := $(shell sed -n 's/^__version__ = "\(.*\)"/\1/p' exporter/__init__.py)
+DEB := dist/prometheus-nvml-exporter_$(VERSION)_all.deb
+
+.PHONY: deps venv fakenvml test lint demo docs deb clean
 
 deps:
 	@tools/install-deps
@@ -38,6 +41,18 @@ demo: deps venv fakenvml
 	@echo "demo: 8 simulated H100 GPUs on $(DEMO_ADDRESS); try: curl localhost:9400/metrics"
 	LD_LIBRARY_PATH=$(CURDIR)/build/fakenvml FAKE_NVML_STATE=$(CURDIR)/$(DEMO_STATE) \
 		$(BIN)/nvml-exporter --web.listen-address=$(DEMO_ADDRESS)
+
+# The Debian package, built with Debian's own Python and tools (not pyenv's), from the tracked sources
+# plus NVIDIA's pynvml.py, bundled privately (Debian's python3-pynvml would pull in a driver library).
+deb: $(DEB)
+$(DEB): venv $(shell git ls-files exporter packaging rules dashboards docs README.md LICENSE 2>/dev/null)
+	rm -rf build/deb && mkdir -p build/deb/src/vendor dist
+	tar -cf - --exclude=__pycache__ exporter rules dashboards docs packaging README.md LICENSE | tar -xf - -C build/deb/src
+	cp -r packaging/debian build/deb/src/debian
+	cp "$$($(BIN)/python -c 'import pynvml; print(pynvml.__file__)')" build/deb/src/vendor/pynvml.py
+	cd build/deb/src && env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin HOME=$$HOME LC_ALL=C.UTF-8 \
+		dpkg-buildpackage -us -uc -b >../build.log 2>&1 || { tail -40 ../build.log; exit 1; }
+	mv build/deb/prometheus-nvml-exporter_$(VERSION)_all.deb dist/
 
 docs: venv
 	$(BIN)/python -m nvml_exporter.metrics > docs/metrics.md
