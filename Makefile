@@ -11,7 +11,7 @@ CFLAGS_FAKE := -O2 -g -Wall -Wextra -Werror -std=c11 -fPIC -shared -fvisibility=
 VERSION := $(shell sed -n 's/^__version__ = "\(.*\)"/\1/p' exporter/__init__.py)
 DEB := dist/prometheus-nvml-exporter_$(VERSION)_all.deb
 
-.PHONY: deps venv fakenvml test lint demo docs deb clean
+.PHONY: deps venv fakenvml test lint demo docs deb bench gpu-carry clean
 
 deps:
 	@tools/install-deps
@@ -28,7 +28,7 @@ $(FAKE): tests/fakenvml/fakenvml.c | deps
 	$(CC) $(CFLAGS_FAKE) -o $@ $< -lpthread
 
 lint: venv
-	$(BIN)/ruff check exporter tests dashboards
+	$(BIN)/ruff check exporter tests dashboards bench
 
 test: deps venv fakenvml lint
 	$(BIN)/python -m pytest -q
@@ -53,6 +53,27 @@ $(DEB): venv $(shell git ls-files exporter packaging rules dashboards docs READM
 	cd build/deb/src && env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin HOME=$$HOME LC_ALL=C.UTF-8 \
 		dpkg-buildpackage -us -uc -b >../build.log 2>&1 || { tail -40 ../build.log; exit 1; }
 	mv build/deb/prometheus-nvml-exporter_$(VERSION)_all.deb dist/
+
+# Figures against a tutorial-style exporter, nvitop-exporter (PyPI, in its own venv) and the C floor
+# (../shared/bench/cref, compiled here because shared/ may be read-only). Prints a table, writes
+# bench/results.json. Not part of `make test`: timings belong to benchmarks, not to assertions.
+CREF_SRC ?= ../shared/bench/cref/cref.c
+bench: venv fakenvml build/bench-venv/bin/nvitop-exporter build/cref/cref
+	$(BIN)/python bench/run.py
+
+build/bench-venv/bin/nvitop-exporter:
+	$(PYTHON) -m venv build/bench-venv
+	build/bench-venv/bin/pip install -q --disable-pip-version-check nvitop-exporter
+
+build/cref/cref: $(CREF_SRC)
+	mkdir -p build/cref
+	$(CC) -O2 -Wall -Wextra -std=c11 -o $@ $(CREF_SRC) -ldl
+
+# What tests/gpu/run.sh needs on a GPU machine that has no network and may lack promtool or gcc:
+# carry build/gpu-carry (device tool: carry=["build/gpu-carry"]).
+gpu-carry: build/cref/cref deps
+	mkdir -p build/gpu-carry
+	cp build/cref/cref "$$(command -v promtool)" build/gpu-carry/
 
 docs: venv
 	$(BIN)/python -m nvml_exporter.metrics > docs/metrics.md

@@ -166,13 +166,25 @@ def _rate_findings(g: GpuSnapshot, prev: GpuSnapshot | None, seconds: float) -> 
         if replays * 60 > limit:
             out.append(Finding("pcie", "warning", "rma_eval",
                                f"{replays * 60:.0f} PCIe replays/min (x{width:g} Gen{gen:g} tolerates {limit:.0f})"))
-    link_faults = _rate(g, prev, seconds, "nvidia_gpu_nvlink_errors_total", lambda k: k[1] in ("replay", "recovery"))
-    if link_faults:
-        out.append(Finding("nvlink", "warning", "check_nvlink", "NVLink replay/recovery errors are increasing"))
-    crc = _rate(g, prev, seconds, "nvidia_gpu_nvlink_errors_total", lambda k: k[1].startswith("crc"))
-    if crc is not None and crc >= NVLINK_CRC_PER_SECOND:
-        out.append(Finding("nvlink", "warning", "check_nvlink", f"{crc:.0f} NVLink CRC errors/s"))
+    if prev is not None and seconds > 0:
+        (faults, crc), (faults0, crc0) = _link_errors(g), _link_errors(prev)
+        if faults > faults0:
+            out.append(Finding("nvlink", "warning", "check_nvlink", "NVLink replay/recovery errors are increasing"))
+        rate = (crc - crc0) / seconds
+        if rate >= NVLINK_CRC_PER_SECOND:
+            out.append(Finding("nvlink", "warning", "check_nvlink", f"{rate:.0f} NVLink CRC errors/s"))
     return out
+
+
+def _link_errors(g: GpuSnapshot) -> tuple[float, float]:
+    """(replay + recovery, crc_flit + crc_data) over all links, in one pass over the per-link series."""
+    faults = crc = 0.0
+    for (_, kind), v in g.values.get("nvidia_gpu_nvlink_errors_total", {}).items():
+        if kind in ("replay", "recovery"):
+            faults += v
+        else:
+            crc += v
+    return faults, crc
 
 
 def _xid_findings(history: Iterable[XidEvent], now: float) -> list[Finding]:

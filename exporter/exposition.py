@@ -35,6 +35,7 @@ def escape(value: str) -> str:
     return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
 
 
+@lru_cache(maxsize=65536)
 def format_value(v: float) -> str:
     if v != v:
         return "NaN"
@@ -54,6 +55,13 @@ def _gpu_labels(index: int, uuid: str) -> str:
 def _extra_labels(metric: str, values: tuple[str, ...]) -> str:
     names = BY_NAME[metric].labels
     return "".join(f',{n}="{escape(v)}"' for n, v in zip(names, values, strict=True))
+
+
+@lru_cache(maxsize=65536)
+def _series(metric: str, index: int, uuid: str, labels: tuple[str, ...]) -> str:
+    """'name{gpu="0",uuid="…",extra="…"} ', built once per series and reused every scrape."""
+    extra = _extra_labels(metric, labels) if labels else ""
+    return f"{metric}{{{_gpu_labels(index, uuid)}{extra}}} "
 
 
 def _labelset(metric: Metric, values: tuple[str, ...]) -> str:
@@ -78,10 +86,9 @@ def _gpu_samples(metric: Metric, gpus: tuple[GpuSnapshot, ...], driver: str) -> 
         series = g.values.get(name)
         if not series:
             continue
-        base = _gpu_labels(g.identity.index, g.identity.uuid)
+        index, uuid = g.identity.index, g.identity.uuid
         for labels, v in series.items():
-            extra = _extra_labels(name, labels) if labels else ""
-            yield f"{name}{{{base}{extra}}} {format_value(v)}\n"
+            yield _series(name, index, uuid, labels) + format_value(v) + "\n"
 
 
 def _exporter_samples(metric: Metric, snap: Snapshot, build: BuildInfo) -> Iterator[str]:

@@ -9,6 +9,7 @@ tier, and raises `GpuLost` the moment NVML says the GPU fell off the bus.
 from __future__ import annotations
 
 import ctypes
+import struct
 import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -155,12 +156,13 @@ class FieldBatch:
         if call("nvmlDeviceGetFieldValues", get) is _FAILED:
             return
         unsupported = []
-        for entry, f in zip(self._array, self.fields, strict=True):
-            if entry.nvmlReturn != pynvml.NVML_SUCCESS:
-                if entry.nvmlReturn in PERMANENT_CODES and not self._keep_unsupported(f):
+        # One copy of the array, unpacked in C: a ctypes attribute access per field costs more than NVML.
+        for (_, _, _, _, vtype, ret, raw), f in zip(_ENTRY.iter_unpack(bytes(self._array)), self.fields, strict=True):
+            if ret != pynvml.NVML_SUCCESS:
+                if ret in PERMANENT_CODES and not self._keep_unsupported(f):
                     unsupported.append(f)
                 continue
-            values.setdefault(f.metric, {})[f.labels] = scaled(_decode(entry, f), f.scale)
+            values.setdefault(f.metric, {})[f.labels] = scaled(_decode(vtype, raw, f.field_id), f.scale)
         if unsupported:
             self._set([f for f in self.fields if f not in unsupported])
 
@@ -170,25 +172,29 @@ def scaled(v: float, scale: float) -> float:
     return v / round(1 / scale) if scale < 1 else v * scale
 
 
-def _decode(entry: Any, f: Field) -> float:
+# nvmlFieldValue_t: fieldId u32, scopeId u32, timestamp i64, latencyUsec i64, valueType u32, nvmlReturn u32,
+# value (a union of 8 bytes, read here as its raw u64).
+_ENTRY = struct.Struct("=IIqqIIQ")
+assert _ENTRY.size == ctypes.sizeof(pynvml.c_nvmlFieldValue_t)
+
+
+def _decode(vtype: int, raw: int, field_id: int) -> float:
+    """The union's value by its type (little-endian: narrower members are the low bytes)."""
     # NVML may leave ECC fields typed DOUBLE though they hold an integer (DCGM's "WAR for bug 2032468").
-    if f.field_id in ECC_FIELD_IDS:
-        return float(entry.value.ullVal)
-    vt = entry.valueType
-    v = entry.value
-    if vt == pynvml.NVML_VALUE_TYPE_DOUBLE:
-        return float(v.dVal)
-    if vt == pynvml.NVML_VALUE_TYPE_UNSIGNED_INT:
-        return float(v.uiVal)
-    if vt == pynvml.NVML_VALUE_TYPE_UNSIGNED_LONG:
-        return float(v.ulVal)
-    if vt == pynvml.NVML_VALUE_TYPE_SIGNED_LONG_LONG:
-        return float(v.sllVal)
-    if vt == getattr(pynvml, "NVML_VALUE_TYPE_SIGNED_INT", 5):
-        return float(v.siVal)
-    if vt == getattr(pynvml, "NVML_VALUE_TYPE_UNSIGNED_SHORT", 6):
-        return float(v.usVal)
-    return float(v.ullVal)
+    if field_id in ECC_FIELD_IDS:
+        return float(raw)
+    if vtype == pynvml.NVML_VALUE_TYPE_DOUBLE:
+        return float(struct.unpack("=d", struct.pack("=Q", raw))[0])
+    if vtype == pynvml.NVML_VALUE_TYPE_UNSIGNED_INT:
+        return float(raw & 0xFFFFFFFF)
+    if vtype == pynvml.NVML_VALUE_TYPE_SIGNED_LONG_LONG:
+        return float(raw - (1 << 64) if raw >= 1 << 63 else raw)
+    if vtype == getattr(pynvml, "NVML_VALUE_TYPE_SIGNED_INT", 5):
+        low = raw & 0xFFFFFFFF
+        return float(low - (1 << 32) if low >= 1 << 31 else low)
+    if vtype == getattr(pynvml, "NVML_VALUE_TYPE_UNSIGNED_SHORT", 6):
+        return float(raw & 0xFFFF)
+    return float(raw)  # unsigned long, unsigned long long
 
 
 _FAILED = object()

@@ -19,8 +19,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-import bcrypt
-import yaml
+# PyYAML and bcrypt are imported where a web config is used, so the exporter runs without them when
+# it has none (a bare GPU host with only prometheus-client and nvidia-ml-py, for example).
 
 
 class WebConfigError(ValueError):
@@ -41,6 +41,8 @@ _TLS_VERSIONS = {"TLS10": ssl.TLSVersion.TLSv1, "TLS11": ssl.TLSVersion.TLSv1_1,
 @functools.lru_cache(maxsize=1)
 def _dummy_hash() -> bytes:
     """A real hash to check unknown users against, so a wrong user costs as long as a wrong password."""
+    import bcrypt
+
     return bcrypt.hashpw(b"unknown user", bcrypt.gensalt(10))
 
 
@@ -67,6 +69,8 @@ class WebConfig:
         with self._lock:
             if digest in self._ok_cache:
                 return True
+        import bcrypt
+
         hashed = self.users.get(user)
         ok = bcrypt.checkpw(password.encode(), hashed if hashed is not None else _dummy_hash())
         ok = ok and hashed is not None
@@ -123,6 +127,8 @@ def _tls(cfg: dict[str, Any], base: str) -> ssl.SSLContext:
 
 
 def load(path: str) -> WebConfig:
+    import yaml
+
     try:
         with open(path, encoding="utf-8") as f:
             raw = yaml.safe_load(f)

@@ -89,7 +89,7 @@ enum { VT_DOUBLE = 0, VT_UINT = 1, VT_ULL = 3, VT_SLL = 4, VT_SINT = 5 };
   X(nvmlDeviceGetNvLinkErrorCounter) X(nvmlDeviceGetFieldValues) X(nvmlDeviceGetComputeRunningProcesses_v3) \
   X(nvmlDeviceGetGraphicsRunningProcesses_v3) X(nvmlDeviceGetMigMode) X(nvmlEventSetCreate) \
   X(nvmlDeviceGetSupportedEventTypes) X(nvmlDeviceRegisterEvents) X(nvmlEventSetWait_v2) \
-  X(nvmlEventSetWait) X(nvmlEventSetFree)
+  X(nvmlEventSetWait) X(nvmlEventSetFree) X(nvmlDeviceGetPcieThroughput) X(nvmlDeviceGetProcessUtilization)
 
 #define SYM_ENUM(s) S_##s,
 enum { SYMBOLS(SYM_ENUM) NSYMS };
@@ -654,6 +654,21 @@ EXPORT nvmlReturn_t nvmlDeviceGetBAR1MemoryInfo(nvmlDevice_t d, nvmlBAR1Memory_t
 }
 
 /* ================================ PCIe, clock events, state ================================ */
+EXPORT nvmlReturn_t nvmlDeviceGetPcieThroughput(nvmlDevice_t d, int counter, unsigned *out) {
+  BEGIN_DEV(nvmlDeviceGetPcieThroughput, d)
+  if (!out || counter < 0 || counter > 1) FAIL(E_INVALID_ARGUMENT);
+  rc = get_u32(g, counter == 0 ? "pcie_tx_kbs" : "pcie_rx_kbs", out);
+  END
+}
+/* Per-process utilization samples: the fake keeps none, which the driver reports as NOT_FOUND. */
+EXPORT nvmlReturn_t nvmlDeviceGetProcessUtilization(nvmlDevice_t d, void *samples, unsigned *count,
+                                                    unsigned long long last_seen) {
+  BEGIN_DEV(nvmlDeviceGetProcessUtilization, d)
+  (void)samples; (void)last_seen;
+  if (!count) FAIL(E_INVALID_ARGUMENT);
+  rc = E_NOT_FOUND;
+  END
+}
 U32_GETTER(nvmlDeviceGetPcieReplayCounter, "pcie_replay")
 U32_GETTER(nvmlDeviceGetCurrPcieLinkGeneration, "pcie_gen")
 U32_GETTER(nvmlDeviceGetCurrPcieLinkWidth, "pcie_width")

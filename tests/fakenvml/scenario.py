@@ -69,6 +69,7 @@ def h100_sxm(index: int, *, load: bool = True) -> dict[str, str]:
         "bar1_total": 131_072 * MIB, "bar1_used": MIB,
         "persistence": 1, "compute_mode": 0, "mig_mode": 0,
         "pcie_gen": 5, "pcie_gen_max": 5, "pcie_width": 16, "pcie_width_max": 16,
+        "pcie_tx_kbs": 502, "pcie_rx_kbs": 578,
         "pcie_replay": (150, 144, 174, 158, 145, 172, 162, 106)[index % 8],
         "throttle_supported": "0x1ff",
         "violation.power": 7_014_307_013_000 + index, "violation.thermal": 0, "violation.sync_boost": 0,

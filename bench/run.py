@@ -1,0 +1,259 @@
+"""`make bench`: nvml-exporter against a tutorial-style exporter, nvitop-exporter and the C floor, on the
+same fake NVML scenarios, in one run. Prints a table and the targets, writes bench/results.json.
+
+Server CPU comes from the process's own counters (/proc/PID/stat) over many scrapes; NVML calls from the
+fake's shared call counters. These are measurements of this machine at this moment: compare ratios
+within one run, not absolute numbers across runs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+sys.path.insert(0, str(REPO))
+
+from tests.conftest import free_port  # noqa: E402
+from tests.fakenvml.scenario import FakeNvml, h100_node, read_counters  # noqa: E402
+
+TICK = os.sysconf("SC_CLK_TCK")
+CASES = [(gpus, lat) for gpus in (1, 8, 64) for lat in (0, 200)]
+SECONDS_PER_CASE = float(os.environ.get("BENCH_SECONDS", "6"))
+NVITOP = os.environ.get("NVITOP_EXPORTER", str(REPO / "build" / "bench-venv" / "bin" / "nvitop-exporter"))
+CREF = REPO / "build" / "cref" / "cref"
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / TICK
+
+
+def rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def calls(fake: FakeNvml) -> int:
+    return sum(read_counters(fake.counters_path).values())
+
+
+def get(url: str) -> tuple[float, int]:
+    t0 = time.perf_counter()
+    with urllib.request.urlopen(url, timeout=120) as r:
+        n = len(r.read())
+    return time.perf_counter() - t0, n
+
+
+class Server:
+    def __init__(self, argv: list[str], fake: FakeNvml, port: int, path: str = "/metrics"):
+        self.url = f"http://127.0.0.1:{port}{path}"
+        self.proc = subprocess.Popen(argv, env={**os.environ, **fake.env()}, cwd=REPO,
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                body = urllib.request.urlopen(self.url, timeout=30).read().decode()
+                if "nvidia_gpu" in body or "nvitop" in body or "gpu" in body:
+                    return
+            except OSError:
+                time.sleep(0.1)
+        raise RuntimeError(f"{argv} did not come up")
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(timeout=30)
+
+
+def ours(fake: FakeNvml, min_interval: str = "1ms") -> Server:
+    port = free_port()
+    return Server([sys.executable, "-m", "nvml_exporter", f"--web.listen-address=127.0.0.1:{port}",
+                   f"--collect.min-interval={min_interval}", "--collect.timeout=60s", "--no-xid.journal",
+                   "--log.level=error"], fake, port)
+
+
+def naive(fake: FakeNvml) -> Server:
+    port = free_port()
+    return Server([sys.executable, str(HERE / "naive_exporter.py"), str(port)], fake, port)
+
+
+def scrape_loop(server: Server, fake: FakeNvml, seconds: float, max_n: int = 2000) -> dict[str, float]:
+    for _ in range(3):
+        get(server.url)
+    c0, n0, t0 = cpu_seconds(server.proc.pid), calls(fake), time.monotonic()
+    latencies, sizes = [], []
+    while (time.monotonic() - t0 < seconds or len(latencies) < 3) and len(latencies) < max_n:
+        dt, size = get(server.url)
+        latencies.append(dt)
+        sizes.append(size)
+    n = len(latencies)
+    latencies.sort()
+    return {"scrapes": n, "cpu_ms": (cpu_seconds(server.proc.pid) - c0) * 1e3 / n,
+            "p50_ms": latencies[n // 2] * 1e3, "p99_ms": latencies[min(n - 1, int(n * 0.99))] * 1e3,
+            "nvml_calls": (calls(fake) - n0) / n, "bytes": statistics.mean(sizes)}
+
+
+def nvitop_case(fake: FakeNvml, seconds: float) -> dict[str, float] | None:
+    """nvitop-exporter collects on its own interval; figures are per collection."""
+    if not Path(NVITOP).exists():
+        return None
+    port, interval = free_port(), 0.25
+    server = Server([NVITOP, "--bind-address=127.0.0.1", f"--port={port}", f"--interval={interval}"], fake, port)
+    try:
+        time.sleep(1)
+        c0, n0, t0 = cpu_seconds(server.proc.pid), calls(fake), time.monotonic()
+        latencies, sizes = [], []
+        while time.monotonic() - t0 < seconds:
+            dt, size = get(server.url)
+            latencies.append(dt)
+            sizes.append(size)
+            time.sleep(interval)
+        elapsed = time.monotonic() - t0
+        collections = elapsed / interval
+        latencies.sort()
+        return {"collections": collections, "cpu_ms": (cpu_seconds(server.proc.pid) - c0) * 1e3 / collections,
+                "p50_ms": latencies[len(latencies) // 2] * 1e3, "p99_ms": latencies[-1] * 1e3,
+                "nvml_calls": (calls(fake) - n0) / collections, "bytes": statistics.mean(sizes)}
+    finally:
+        server.stop()
+
+
+def cref_case(fake: FakeNvml) -> dict[str, float] | None:
+    if not CREF.exists():
+        return None
+    # as many iterations as fit the case's time budget (a 64-GPU collection at 200 µs/call takes ~0.3 s)
+    calls_per_collection = 24 * len([k for k in fake.state if k.endswith(".uuid")])
+    per_collection = calls_per_collection * float(fake.state.get("latency_us", 0)) * 1e-6
+    n = max(5, min(300, int(SECONDS_PER_CASE / max(per_collection, 1e-4))))
+    out = subprocess.run([str(CREF), "-n", str(n)], env={**os.environ, **fake.env()}, capture_output=True, text=True,
+                         check=True).stdout
+    r = json.loads(out)
+    return {"cpu_ms": r["cpu_us_per_collection"] / 1e3, "p50_ms": r["wall_us_per_collection"] / 1e3,
+            "nvml_calls": r["nvml_calls_per_collection"], "bytes": r["bytes"]}
+
+
+def rss_case(gpus: int, scrapes: int, tmp: Path) -> dict[str, float]:
+    fake = FakeNvml(tmp / f"rss{gpus}", h100_node(gpus))
+    server = ours(fake)
+    try:
+        at = {}
+        for i in range(1, scrapes + 1):
+            get(server.url)
+            if i in (1000, scrapes):
+                at[i] = rss_mib(server.proc.pid)
+        return {"gpus": gpus, "rss_mib_at_1000": at[1000], f"rss_mib_at_{scrapes}": at[scrapes],
+                "scrapes": scrapes}
+    finally:
+        server.stop()
+
+
+def concurrency_case(tmp: Path, seconds: float = 5.0) -> dict[str, float]:
+    """NVML calls per second with 1 and with 100 scrapers hammering, at the default min-interval (1s)."""
+    fake = FakeNvml(tmp / "conc", h100_node(8))
+    server = ours(fake, min_interval="1s")
+    out = {}
+    try:
+        for scrapers in (1, 100):
+            stop = time.monotonic() + seconds
+            n0 = calls(fake)
+
+            def hammer(stop: float = stop) -> None:
+                while time.monotonic() < stop:
+                    get(server.url)
+
+            threads = [threading.Thread(target=hammer) for _ in range(scrapers)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            out[f"nvml_calls_per_s_{scrapers}_scrapers"] = (calls(fake) - n0) / seconds
+    finally:
+        server.stop()
+    return out
+
+
+def main() -> int:
+    results: dict[str, Any] = {"machine": {"python": platform.python_version(), "cpus": os.cpu_count(),
+                                           "platform": platform.platform()}, "cases": []}
+    with tempfile.TemporaryDirectory() as d:
+        tmp = Path(d)
+        for gpus, lat in CASES:
+            state = h100_node(gpus)
+            if lat:
+                state["latency_us"] = str(lat)
+            fake = FakeNvml(tmp / f"g{gpus}l{lat}", state)
+            case: dict[str, Any] = {"gpus": gpus, "latency_us": lat}
+            for name, start in (("ours", ours), ("naive", naive)):
+                server = start(fake)
+                try:
+                    case[name] = scrape_loop(server, fake, SECONDS_PER_CASE)
+                finally:
+                    server.stop()
+            case["nvitop"] = nvitop_case(fake, SECONDS_PER_CASE)
+            case["cref"] = cref_case(fake)
+            results["cases"].append(case)
+            print(f"  measured {gpus} GPUs, {lat} µs/call", file=sys.stderr)
+        results["rss"] = [rss_case(8, 10_000, tmp), rss_case(64, int(os.environ.get("BENCH_RSS_SCRAPES_64", "3000")),
+                                                          tmp)]
+        results["concurrency"] = concurrency_case(tmp)
+    (HERE / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    print(report(results))
+    return 0
+
+
+def _f(x: float | None, digits: int = 2) -> str:
+    return "—" if x is None else f"{x:.{digits}f}"
+
+
+def report(r: dict[str, Any]) -> str:
+    lines = ["| GPUs | µs/call | exporter | CPU ms/scrape | p50 ms | p99 ms | NVML calls | bytes | CPU vs ours |",
+             "|---:|---:|---|---:|---:|---:|---:|---:|---:|"]
+    for c in r["cases"]:
+        base = c["ours"]["cpu_ms"]
+        for name in ("ours", "naive", "nvitop", "cref"):
+            m = c.get(name)
+            if m is None:
+                lines.append(f"| {c['gpus']} | {c['latency_us']} | {name} | not run | | | | | |")
+                continue
+            lines.append(f"| {c['gpus']} | {c['latency_us']} | {name} | {_f(m['cpu_ms'], 3)} | {_f(m['p50_ms'])} | "
+                         f"{_f(m.get('p99_ms'))} | {_f(m['nvml_calls'], 0)} | {m['bytes']:.0f} | "
+                         f"{m['cpu_ms'] / base:.2f} |")
+    by = {(c["gpus"], c["latency_us"]): c for c in r["cases"]}
+    c8 = by[(8, 0)]
+    t = [
+        ("CPU per scrape ≥ 10× lower than naive (8 GPUs)", c8["naive"]["cpu_ms"] / c8["ours"]["cpu_ms"], ">= 10"),
+        ("CPU per scrape below nvitop-exporter's per collection (8 GPUs)",
+         (c8["nvitop"]["cpu_ms"] / c8["ours"]["cpu_ms"]) if c8["nvitop"] else None, "> 1"),
+        ("CPU per scrape within 2× of the C floor (8 GPUs, 0 µs)",
+         (c8["ours"]["cpu_ms"] / c8["cref"]["cpu_ms"]) if c8["cref"] else None, "<= 2"),
+        ("8-GPU scrape latency / 1-GPU latency at 200 µs/call",
+         by[(8, 200)]["ours"]["p50_ms"] / by[(1, 200)]["ours"]["p50_ms"], "<= 1.5"),
+        ("NVML calls per scrape / naive's (8 GPUs)", c8["ours"]["nvml_calls"] / c8["naive"]["nvml_calls"], "<= 0.33"),
+    ]
+    lines += ["", "| target | measured | goal |", "|---|---:|---|"]
+    lines += [f"| {name} | {_f(v)} | {goal} |" for name, v, goal in t]
+    for x in r["rss"]:
+        last = next(k for k in x if k.startswith("rss_mib_at_") and k != "rss_mib_at_1000")
+        lines.append(f"| RSS at {x['gpus']} GPUs, scrape 1,000 → {x['scrapes']:,} (MiB) | "
+                     f"{x['rss_mib_at_1000']:.1f} → {x[last]:.1f} | ≤ {30 if x['gpus'] == 8 else 40}, flat |")
+    cc = r["concurrency"]
+    lines.append(f"| NVML calls/s, 100 scrapers vs 1 | {cc['nvml_calls_per_s_100_scrapers']:.0f} vs "
+                 f"{cc['nvml_calls_per_s_1_scrapers']:.0f} | not higher |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
