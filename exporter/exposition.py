@@ -35,7 +35,6 @@ def escape(value: str) -> str:
     return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
 
 
-@lru_cache(maxsize=65536)
 def format_value(v: float) -> str:
     if v != v:
         return "NaN"
@@ -57,7 +56,7 @@ def _extra_labels(metric: str, values: tuple[str, ...]) -> str:
     return "".join(f',{n}="{escape(v)}"' for n, v in zip(names, values, strict=True))
 
 
-@lru_cache(maxsize=65536)
+@lru_cache(maxsize=16384)
 def _series(metric: str, index: int, uuid: str, labels: tuple[str, ...]) -> str:
     """'name{gpu="0",uuid="…",extra="…"} ', built once per series and reused every scrape."""
     extra = _extra_labels(metric, labels) if labels else ""

@@ -19,11 +19,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from .configfile import ConfigError, load_yaml, mapping, no_unknown
+
 # PyYAML and bcrypt are imported where a web config is used, so the exporter runs without them when
 # it has none (a bare GPU host with only prometheus-client and nvidia-ml-py, for example).
 
 
-class WebConfigError(ValueError):
+class WebConfigError(ConfigError):
     pass
 
 
@@ -81,17 +83,11 @@ class WebConfig:
 
 
 def _mapping(value: Any, where: str) -> dict[str, Any]:
-    if value is None:
-        return {}
-    if not isinstance(value, dict):
-        raise WebConfigError(f"{where}: expected a mapping")
-    return value
+    return mapping(value, where, WebConfigError)
 
 
 def _unknown(d: Mapping[str, Any], allowed: set[str], where: str) -> None:
-    extra = sorted(set(d) - allowed)
-    if extra:
-        raise WebConfigError(f"{where}: unknown field(s) {', '.join(extra)}")
+    no_unknown(d, allowed, where, WebConfigError)
 
 
 def _tls(cfg: dict[str, Any], base: str) -> ssl.SSLContext:
@@ -127,18 +123,7 @@ def _tls(cfg: dict[str, Any], base: str) -> ssl.SSLContext:
 
 
 def load(path: str) -> WebConfig:
-    import yaml
-
-    try:
-        with open(path, encoding="utf-8") as f:
-            raw = yaml.safe_load(f)
-    except OSError as e:
-        raise WebConfigError(f"cannot read {path}: {e.strerror}") from None
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}" if mark else path
-        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-        raise WebConfigError(f"{where}: not valid YAML: {problem}") from None
+    raw = load_yaml(path, WebConfigError)
     top = _mapping(raw, path)
     _unknown(top, {"tls_server_config", "http_server_config", "basic_auth_users"}, path)
     base = os.path.dirname(os.path.abspath(path))

@@ -29,7 +29,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-import yaml
+from ..configfile import ConfigError, load_yaml, mapping, no_unknown
 
 STEPS = ("log", "drain_node", "checkpoint_signal", "reset_gpu", "exec")
 # Steps that act on the node itself (signals, GPU reset) rather than through the scheduler.
@@ -42,7 +42,7 @@ _DURATION = re.compile(r"^(\d+(?:\.\d+)?)(ms|s|m|h|d)$")
 _UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
 
 
-class PolicyError(ValueError):
+class PolicyError(ConfigError):
     pass
 
 
@@ -131,17 +131,11 @@ def parse_matcher(text: Any, where: str) -> Matcher:
 
 
 def _mapping(value: Any, where: str) -> dict[str, Any]:
-    if value is None:
-        return {}
-    if not isinstance(value, dict):
-        raise PolicyError(f"{where}: expected a mapping")
-    return value
+    return mapping(value, where, PolicyError)
 
 
 def _unknown(d: Mapping[str, Any], allowed: set[str], where: str) -> None:
-    extra = sorted(set(d) - allowed)
-    if extra:
-        raise PolicyError(f"{where}: unknown field(s) {', '.join(map(str, extra))}")
+    no_unknown(d, allowed, where, PolicyError)
 
 
 def _signal(value: Any) -> int:
@@ -153,15 +147,7 @@ def _signal(value: Any) -> int:
 
 
 def load(path: str) -> Policy:
-    try:
-        with open(path, encoding="utf-8") as f:
-            raw = yaml.safe_load(f)
-    except OSError as e:
-        raise PolicyError(f"cannot read {path}: {e.strerror}") from None
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        raise PolicyError(f"{path}{f':{mark.line + 1}' if mark else ''}: not valid YAML") from None
-    return parse(_mapping(raw, path))
+    return parse(_mapping(load_yaml(path, PolicyError), path))
 
 
 def parse(raw: dict[str, Any]) -> Policy:
