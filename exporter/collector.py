@@ -32,6 +32,7 @@ from .xidstore import XidStore
 
 log = logging.getLogger("nvml_exporter.collector")
 
+FAST_READ = 0.002  # seconds: GPUs read faster than this are read one after the other
 FOLLOWER_WAIT = 1.0  # seconds a scrape waits for another scrape's collection before serving what is known
 
 
@@ -313,6 +314,10 @@ class Collector:
         for gpu in gpus:
             if gpu.inflight is None or gpu.inflight.done():
                 gpu.inflight = gpu.worker.submit(lambda gpu=gpu: self._read_gpu(gpu))
+                # A GPU that read fast last time is given a moment alone before the next one starts: fast
+                # reads then finish without handing the GIL back and forth, slow and hung ones overlap.
+                if 0.0 < gpu.duration < FAST_READ:
+                    wait([gpu.inflight], timeout=max(0.0, min(2 * gpu.duration, deadline - self._clock())))
             pending[gpu.index] = gpu.inflight
         done, _ = wait(pending.values(), timeout=max(0.0, deadline - self._clock()))
         stale = {index for index, f in pending.items() if f not in done}
