@@ -32,7 +32,8 @@ from .xidstore import XidStore
 
 log = logging.getLogger("nvml_exporter.collector")
 
-FAST_READ = 0.002  # seconds: GPUs read faster than this are read one after the other
+STAGGER = 0.002  # seconds a fast GPU's read runs alone before the next GPU's read starts
+FAST_CALL = 50e-6  # seconds: a driver whose quickest call is faster than this is read one GPU at a time
 FOLLOWER_WAIT = 1.0  # seconds a scrape waits for another scrape's collection before serving what is known
 
 
@@ -314,10 +315,11 @@ class Collector:
         for gpu in gpus:
             if gpu.inflight is None or gpu.inflight.done():
                 gpu.inflight = gpu.worker.submit(lambda gpu=gpu: self._read_gpu(gpu))
-                # A GPU that read fast last time is given a moment alone before the next one starts: fast
-                # reads then finish without handing the GIL back and forth, slow and hung ones overlap.
-                if 0.0 < gpu.duration < FAST_READ:
-                    wait([gpu.inflight], timeout=max(0.0, min(2 * gpu.duration, deadline - self._clock())))
+                # Where the driver answers in microseconds, a read is mostly Python: let it finish alone
+                # (STAGGER at most) instead of eight threads handing the GIL back and forth. Where calls
+                # take longer, and for a read that hangs, the next GPU's read starts at once or soon.
+                if gpu.reader is not None and gpu.reader.fastest_call < FAST_CALL:
+                    wait([gpu.inflight], timeout=max(0.0, min(STAGGER, deadline - self._clock())))
             pending[gpu.index] = gpu.inflight
         done, _ = wait(pending.values(), timeout=max(0.0, deadline - self._clock()))
         stale = {index for index, f in pending.items() if f not in done}

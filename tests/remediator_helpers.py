@@ -43,7 +43,8 @@ STANDIN = textwrap.dedent('''\
         time.sleep(float(read("sleep." + prog)))
     args = sys.argv[1:]
     if prog == "scontrol" and args[:2] == ["show", "node"]:
-        print("NodeName=%s Arch=x86_64 State=%s Reason=x" % (args[-1], read("state", "IDLE+DRAIN")))
+        print("NodeName=%s Arch=x86_64 State=%s Reason=%s Comment=(null)"
+              % (args[-1], read("state", "IDLE+DRAIN"), read("reason", "x")))
     elif prog == "nvidia-smi" and args and args[0].startswith("--query-compute-apps"):
         sys.stdout.write(read("apps"))
     elif prog == "nvidia-smi" and "--gpu-reset" in args:

@@ -332,3 +332,18 @@ def test_example_policy_is_valid_and_the_remediator_never_imports_the_collector(
     assert subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
                           check=True).stdout.strip() == "[]"
     assert os.access(example, os.R_OK) and TOKEN
+
+
+def test_resume_returns_only_its_own_drains(workdir: Path) -> None:
+    policy(workdir, DRAIN_RULES)
+    base = [sys.executable, "-m", "nvml_exporter.remediator", "resume", f"--config={workdir / 'policy.yml'}"]
+    (workdir / "standin" / "reason").write_text("admin: bad DIMM, do not touch")
+    out = subprocess.run([*base, "gpu-node-1"], capture_output=True, text=True, timeout=30)
+    assert out.returncode == 1 and "drained for another reason (admin: bad DIMM, do not touch)" in out.stdout
+    (workdir / "standin" / "reason").write_text("nvml-remediator: GpuXidFellOffBus gpu=1 uuid=GPU-x fp=0")
+    out = subprocess.run([*base, "gpu-node-1"], capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert calls(workdir, "scontrol")[-1] == ["scontrol", "update", "NodeName=gpu-node-1", "State=RESUME"]
+    assert len([c for c in calls(workdir, "scontrol") if "State=RESUME" in c]) == 1
+    out = subprocess.run([*base, "node; reboot"], capture_output=True, text=True, timeout=30)
+    assert out.returncode == 1 and "invalid node name" in out.stdout

@@ -3,6 +3,7 @@
     nvml-remediator --config FILE --auth.token-file FILE [--execute] ...
     nvml-remediator check-config FILE
     nvml-remediator reset-breaker --storage.path DIR
+    nvml-remediator resume --config FILE NODE     (only nodes it drained itself)
 
 Separate from the exporter on purpose: it imports nothing of the collector and runs with the
 privileges its enabled actions need, no more.
@@ -29,7 +30,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, G
 from .. import __version__, logs, webconfig
 from ..webconfig import parse_listen_address
 from . import policy as policy_mod
-from .engine import Engine, PayloadError, Runner, plan
+from .engine import Engine, PayloadError, Runner, plan, resume
 from .store import Audit, Store
 
 log = logging.getLogger("nvml_remediator")
@@ -268,6 +269,21 @@ def check_config(argv: Sequence[str]) -> int:
     return 0
 
 
+def resume_node(argv: Sequence[str]) -> int:
+    p = _Parser(prog="nvml-remediator resume", allow_abbrev=False,
+                description="Return a node to service, only if nvml-remediator drained it.")
+    p.add_argument("--config", required=True)
+    p.add_argument("node")
+    args = p.parse_args(argv)
+    try:
+        policy = policy_mod.load(args.config)
+    except policy_mod.PolicyError as e:
+        p.error(str(e))
+    ok, message = resume(policy, args.node, Runner({"PATH": os.environ.get("PATH", "/usr/bin:/bin")}))
+    print(message)
+    return 0 if ok else 1
+
+
 def reset_breaker(argv: Sequence[str]) -> int:
     p = _Parser(prog="nvml-remediator reset-breaker", allow_abbrev=False)
     p.add_argument("--storage.path", dest="storage", default="/var/lib/prometheus-nvml-exporter")
@@ -285,6 +301,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return check_config(argv[1:])
     if argv[:1] == ["reset-breaker"]:
         return reset_breaker(argv[1:])
+    if argv[:1] == ["resume"]:
+        return resume_node(argv[1:])
     return serve(argv)
 
 

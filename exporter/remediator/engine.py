@@ -407,3 +407,27 @@ class Engine:
                           p.timeout("default"))
             return o.output.strip() == "true", f"unschedulable={o.output.strip() or 'false'}"
         return False, "no scheduler configured"
+
+
+def resume(policy: Policy, node: str, runner: Runner) -> tuple[bool, str]:
+    """Return a node this tool drained to service — and only such a node: its drain reason (Slurm) or
+    annotation (Kubernetes) must carry the remediator's prefix. Someone else's drain is left alone."""
+    if not NODE.match(node):
+        return False, f"invalid node name {node!r}"
+    timeout = policy.timeout("default")
+    if policy.scheduler == "slurm":
+        shown = runner([policy.command("scontrol"), "show", "node", "-o", node], timeout)
+        m = re.search(r"\bReason=(.*?)(?: \w+=|$)", shown.output)
+        reason = m.group(1) if m else ""
+        if not reason.startswith(policy.drain_prefix):
+            return False, f"not resuming {node}: drained for another reason ({reason or 'none'})"
+        done = runner([policy.command("scontrol"), "update", f"NodeName={node}", "State=RESUME"], timeout)
+    elif policy.scheduler == "kubernetes":
+        shown = runner([policy.command("kubectl"), "get", "node", node, "-o",
+                        "jsonpath={.metadata.annotations.nvml-remediator/reason}"], timeout)
+        if not shown.output.startswith(policy.drain_prefix):
+            return False, f"not uncordoning {node}: it was not cordoned by nvml-remediator"
+        done = runner([policy.command("kubectl"), "uncordon", node], timeout)
+    else:
+        return False, "no scheduler configured"
+    return done.result == "ok", f"{node}: {done.result} {done.output.strip()}".strip()
