@@ -15,7 +15,8 @@ from . import __version__, logs, sdnotify, webconfig
 from .collector import Collector
 from .exposition import BuildInfo
 from .nvml import Library
-from .server import App, Server, parse_listen_address
+from .server import App, Server
+from .webconfig import parse_listen_address
 
 log = logging.getLogger("nvml_exporter")
 

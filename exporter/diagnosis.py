@@ -8,7 +8,7 @@ at, the limit, the severity and the action. Thresholds come from NVIDIA's and DC
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from .snapshot import GpuSnapshot
@@ -238,6 +238,3 @@ def diagnose(g: GpuSnapshot, history: Iterable[XidEvent] = (), prev: GpuSnapshot
         checks.append(Check(name, status, reason, action))
     return Diagnosis(tuple(checks), _strongest(findings)[1])
 
-
-def node_status(diagnoses: Mapping[int, Diagnosis]) -> str:
-    return max((d.status for d in diagnoses.values()), key=STATUS_VALUE.__getitem__, default="ok")

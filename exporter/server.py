@@ -16,9 +16,7 @@ from urllib.parse import urlsplit
 from . import __version__
 from .exposition import CONTENT_TYPE, BuildInfo, render
 from .snapshot import Snapshot
-from .webconfig import WebConfig, parse_listen_address
-
-__all__ = ["App", "Server", "parse_listen_address"]
+from .webconfig import WebConfig
 
 log = logging.getLogger("nvml_exporter.http")
 

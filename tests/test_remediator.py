@@ -4,7 +4,6 @@ nvidia-smi that record their argv."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import time
@@ -15,7 +14,6 @@ import pytest
 
 from tests.conftest import wait_for
 from tests.remediator_helpers import (
-    TOKEN,
     UUID1,
     Remediator,
     alert,
@@ -331,7 +329,6 @@ def test_example_policy_is_valid_and_the_remediator_never_imports_the_collector(
              "print(bad)")
     assert subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
                           check=True).stdout.strip() == "[]"
-    assert os.access(example, os.R_OK) and TOKEN
 
 
 def test_resume_returns_only_its_own_drains(workdir: Path) -> None:

@@ -196,14 +196,11 @@ def serve(argv: Sequence[str]) -> int:
         host, port = parse_listen_address(args.listen)
     except ValueError as e:
         p.error(str(e))
+    policy = _policy(p, args.config)
     try:
-        policy = policy_mod.load(args.config)
         web = webconfig.load(args.web_config) if args.web_config else webconfig.WebConfig()
-    except (policy_mod.PolicyError, webconfig.WebConfigError) as e:
+    except webconfig.WebConfigError as e:
         p.error(str(e))
-    missing = policy_mod.missing_commands(policy)
-    if missing:
-        p.error(f"{args.config}: missing command(s): {', '.join(missing)}")
     token = None
     if args.token_file:
         try:
@@ -254,17 +251,23 @@ def serve(argv: Sequence[str]) -> int:
     return 0
 
 
-def check_config(argv: Sequence[str]) -> int:
-    p = _Parser(prog="nvml-remediator check-config", allow_abbrev=False)
-    p.add_argument("file")
-    args = p.parse_args(argv)
+def _policy(p: argparse.ArgumentParser, path: str) -> policy_mod.Policy:
+    """The policy, valid and with every command it needs on this host, or one line and exit 2."""
     try:
-        policy = policy_mod.load(args.file)
+        policy = policy_mod.load(path)
     except policy_mod.PolicyError as e:
         p.error(str(e))
     missing = policy_mod.missing_commands(policy)
     if missing:
-        p.error(f"{args.file}: missing command(s): {', '.join(missing)}")
+        p.error(f"{path}: missing command(s): {', '.join(missing)}")
+    return policy
+
+
+def check_config(argv: Sequence[str]) -> int:
+    p = _Parser(prog="nvml-remediator check-config", allow_abbrev=False)
+    p.add_argument("file")
+    args = p.parse_args(argv)
+    policy = _policy(p, args.file)
     print(f"{args.file}: OK, {len(policy.rules)} rule(s), scheduler {policy.scheduler}")
     return 0
 
@@ -275,10 +278,7 @@ def resume_node(argv: Sequence[str]) -> int:
     p.add_argument("--config", required=True)
     p.add_argument("node")
     args = p.parse_args(argv)
-    try:
-        policy = policy_mod.load(args.config)
-    except policy_mod.PolicyError as e:
-        p.error(str(e))
+    policy = _policy(p, args.config)
     ok, message = resume(policy, args.node, Runner({"PATH": os.environ.get("PATH", "/usr/bin:/bin")}))
     print(message)
     return 0 if ok else 1

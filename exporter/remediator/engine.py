@@ -332,9 +332,11 @@ class Engine:
                 break
         return total
 
+    def _apps_query(self) -> list[str]:
+        return [self.policy.command("nvidia_smi"), "--query-compute-apps=pid,gpu_uuid", "--format=csv,noheader"]
+
     def _gpu_pids(self, uuid: str | None) -> tuple[Outcome, list[int]]:
-        query = [self.policy.command("nvidia_smi"), "--query-compute-apps=pid,gpu_uuid", "--format=csv,noheader"]
-        o = self._run(query, self.policy.timeout("checkpoint_signal"))
+        o = self._run(self._apps_query(), self.policy.timeout("checkpoint_signal"))
         if o.result != "ok":
             return o, []
         pids = []
@@ -345,7 +347,7 @@ class Engine:
         return o, pids
 
     def _checkpoint(self, job: Job, uuid: str) -> Outcome:
-        query = [self.policy.command("nvidia_smi"), "--query-compute-apps=pid,gpu_uuid", "--format=csv,noheader"]
+        query = self._apps_query()
         sig = signal.Signals(self.policy.checkpoint_signal).name
         if not self.execute:
             return Outcome("dry_run", [query], reason=f"dry run: would send {sig} to the processes on {uuid}")
