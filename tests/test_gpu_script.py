@@ -24,12 +24,16 @@ def test_run_sh_against_the_fake(tmp_path: Path, fake: FakeNvml) -> None:
     assert result.returncode == 0, result.stdout + result.stderr
     assert "0 cross-check mismatches" in result.stdout
     assert sorted(p.name for p in out.iterdir()) == ["diagnose.json", "exporter.log", "metrics.txt",
-                                                     "nvidia-smi-q.xml", "results.json", "summary.md"]
+                                                     "nvidia-smi-q.xml", "raw.json", "results.json", "summary.md"]
     summary = (out / "summary.md").read_text()
     assert "## promtool check metrics\n\n```\nrc=0\n```" in summary
     assert summary.count("| ok |") > 300  # 8 GPUs x (metrics, states, clock events, identity)
-    assert "- nvmlDeviceGetNumFans" in summary  # H100: no fans, NOT_SUPPORTED
-    assert "registered 0xa (Xid: yes)" in summary
+    assert "| 3 | nvidia_gpu_compute_processes | 1 | 1.0 (`--query-compute-apps`) | 0 | ok |" in summary
+    # H100 SXM: no page retirement (row remapping instead), which the exporter drops without a word
+    assert "- nvmlDeviceGetFieldValues field 29 (nvidia_gpu_retired_pages{single_bit}): not_supported" in summary
+    assert "## What a field-value call costs (GPU 0)" in summary and "entries failed: none" in summary
+    assert "torch with CUDA is not available to this python: not run." in summary
+    assert "registered 0xc00a (Xid: yes)" in summary
     results = json.loads((out / "results.json").read_text())
     assert results["mismatches"] == 0 and results["diagnose_exit"] == 0
     assert results["perf"]["ours"]["cpu_ms_per_scrape"] > 0 and results["perf"]["cref"]["gpus"] == 8
