@@ -95,8 +95,13 @@ def test_getters_and_field_values_report_one_state(nvml: FakeNvml) -> None:
 
 def test_absent_key_is_not_supported_and_injected_errors(nvml: FakeNvml) -> None:
     h0, h1 = pynvml.nvmlDeviceGetHandleByIndex(0), pynvml.nvmlDeviceGetHandleByIndex(1)
+    # H100 SXM: passive, no fans: the count is 0 (as a real H200 answered) and a fan speed is N/A
+    assert pynvml.nvmlDeviceGetNumFans(h0) == 0
     with pytest.raises(pynvml.NVMLError_NotSupported):
-        pynvml.nvmlDeviceGetNumFans(h0)  # H100 SXM: passive, no fans
+        pynvml.nvmlDeviceGetFanSpeed(h0)
+    nvml.unset("gpu.0.num_fans")
+    with pytest.raises(pynvml.NVMLError_NotSupported):
+        pynvml.nvmlDeviceGetNumFans(h0)  # an absent key is NOT_SUPPORTED
     with pytest.raises(pynvml.NVMLError_NotSupported):
         pynvml.nvmlDeviceGetRetiredPagesPendingStatus(h0)  # Hopper retires rows, not pages
     nvml.set({"gpu.1.err.nvmlDeviceGetPowerUsage": 3, "gpu.0.temp": "e:999", "err.nvmlDeviceGetPerformanceState": 4})

@@ -1,9 +1,11 @@
 """Write scenarios for the fake libnvidia-ml.so.1 and read back what it counted.
 
 The H100 SXM5 profile follows the real captures in shared/reference/real-boards.md (driver 580,
-8x H100 80GB HBM3): no fans, no retired pages (row remapping instead), 18 NVLink links, ECC on,
-thresholds 92/89/87/95 C, 700 W limit. `python -m tests.fakenvml.scenario` prints the shipped
-8-GPU demo scenario; a test keeps the shipped file equal to it.
+8x H100 80GB HBM3): no fans (GetNumFans answers 0), no retired pages (row remapping instead), 18 NVLink
+links, ECC on, thresholds 92/89/87/95 C, 700 W limit; event types as a real Hopper board on 580 reports
+them. `h200_vm()` is the H200 our GPU check ran on (docs/hardware/), with its measured call latencies.
+`python -m tests.fakenvml.scenario` prints the shipped 8-GPU demo scenario; a test keeps the shipped
+file equal to it.
 """
 
 from __future__ import annotations
@@ -24,7 +26,20 @@ MIB = 1024 * 1024
 H100_BUSES = ("53", "64", "75", "86", "97", "A8", "B9", "CA")
 
 XID_CRITICAL = 0x8
-EVENTS_H100 = 0x1 | 0x2 | 0x4 | 0x8 | 0x10 | 0x400 | 0x800  # ECC, pstate, Xid, clock, retirement
+# What a Hopper board on driver 580 supports (real H200, docs/hardware/h200-580.159.04.md): ECC, pstate, Xid,
+# clock, power source, MIG config, SBE storm, retirement, poison, GPU unavailable, recovery action.
+EVENTS_HOPPER_580 = 0xFF9F
+
+# NVML time per call on a real H200 (driver 580.159.04, medians of docs/hardware/h200-580.159.04.md) for
+# the calls that cost more than the fake's own few microseconds. The energy counter dominates a read.
+H200_LATENCY_US = {
+    "latency_us.field.83": 2800, "latency_us.field.75": 610, "latency_us.field.94": 145,
+    "latency_us.nvmlDeviceGetTotalEnergyConsumption": 3100,
+    "latency_us.nvmlDeviceGetTemperatureThreshold": 170, "latency_us.nvmlDeviceGetEccMode": 143,
+    "latency_us.nvmlDeviceGetNumFans": 206, "latency_us.nvmlDeviceGetMaxClockInfo": 800,
+    "latency_us.nvmlDeviceGetMaxPcieLinkGeneration": 279, "latency_us.nvmlDeviceGetMaxPcieLinkWidth": 82,
+    "latency_us.nvmlDeviceGetCurrPcieLinkWidth": 32, "latency_us.nvmlDeviceGetComputeRunningProcesses_v3": 11,
+}
 
 
 def gpu_uuid(index: int) -> str:
@@ -79,7 +94,8 @@ def h100_sxm(index: int, *, load: bool = True) -> dict[str, str]:
         "remap_cor": 0, "remap_unc": 0, "remap_pending": 0, "remap_failure": 0,
         "recovery_action": 0,
         "nvlink_count": 18,
-        "events_supported": hex(EVENTS_H100),
+        "num_fans": 0,
+        "events_supported": hex(EVENTS_HOPPER_580),
     }
     g.update(busy if load else idle)
     return {f"gpu.{index}.{k}": str(v) for k, v in g.items()}
@@ -90,6 +106,43 @@ def h100_node(n: int = 8, *, load: bool = True) -> dict[str, str]:
              "gpu_count": str(n)}
     for i in range(n):
         state.update(h100_sxm(i, load=load))
+    return state
+
+
+def h200_vm(*, load: bool = False, latency: bool = True) -> dict[str, str]:
+    """The one NVIDIA H200 of the device machine (a VM with the GPU passed through, no NVLink), as it
+    answered on driver 580.159.04: idle as in docs/hardware/h200-580.159.04.raw.json (which a test holds
+    the fake to), busy as in that run's cross-check under a bf16 matrix loop."""
+    busy = {"temp": 65, "mem_temp": 52, "power_mw": 692_501, "util_gpu": 97, "util_mem": 23, "throttle": "0x4",
+            "clock.graphics": 1485, "clock.sm": 1485, "clock.video": 1515, "mem_used": 925_696_000,
+            "procs": f"4242:{904 * MIB}", "energy_mj": "8681044+692501/s"}
+    idle = {"temp": 37, "mem_temp": 38, "power_mw": 81_321, "util_gpu": 0, "util_mem": 0, "throttle": "0x1",
+            "clock.graphics": 345, "clock.sm": 345, "clock.video": 765, "mem_used": 0, "procs": "",
+            "energy_mj": "3411907+81321/s"}
+    g: dict[str, object] = {
+        "name": "NVIDIA H200", "uuid": "GPU-e1209b80-738a-dafa-a90b-64b045a094ae", "serial": "1654524117163",
+        "bus_id": "00000000:00:06.0", "vbios": "96.00.A5.00.1A", "board_part": "692-2G520-0282-001", "minor": 0,
+        "pci_device_id": "0x233510DE", "pci_subsystem_id": "0x18BF10DE", "arch": 9, "cc_major": 9, "cc_minor": 0,
+        # NVML answers absolute thresholds, though nvidia-smi -q prints them as T.Limit offsets (-8/-2/0 C)
+        "threshold.shutdown": 95, "threshold.slowdown": 89, "threshold.gpu_max": 87, "threshold.mem_max": 95,
+        "power_limit_mw": 700_000, "power_default_mw": 700_000, "power_min_mw": 200_000, "power_max_mw": 700_000,
+        "clock_max.graphics": 1980, "clock_max.sm": 1980, "clock_max.mem": 3201, "clock_max.video": 1545,
+        "clock.mem": 3201, "util_enc": 0, "util_dec": 0, "pstate": 0,
+        "mem_total": 150_754_820_096, "mem_reserved": 644_939_776, "bar1_total": 262_144 * MIB, "bar1_used": MIB,
+        "persistence": 1, "compute_mode": 0, "mig_mode": 0,
+        "pcie_gen": 5, "pcie_gen_max": 5, "pcie_width": 16, "pcie_width_max": 16, "pcie_replay": 1,
+        "pcie_tx_kbs": 1047, "pcie_rx_kbs": 641, "throttle_supported": "0x1ff",
+        "violation.power": 0, "violation.thermal": 0, "violation.sync_boost": 0, "violation.board_limit": 0,
+        "violation.low_util": 30_778_264_352, "violation.reliability": 0,
+        "ecc_mode": 1, "ecc_pending": 1, "ecc.sbe_vol": 0, "ecc.dbe_vol": 0, "ecc.sbe_agg": 0, "ecc.dbe_agg": 0,
+        "remap_cor": 0, "remap_unc": 0, "remap_pending": 0, "remap_failure": 0, "recovery_action": 0,
+        "num_fans": 0, "nvlink_count": 0, "events_supported": hex(EVENTS_HOPPER_580),
+    }
+    g.update(busy if load else idle)
+    state = {"driver_version": "580.159.04", "nvml_version": "13.580.159.04", "cuda_version": "13000",
+             "gpu_count": "1", **{f"gpu.0.{k}": str(v) for k, v in g.items()}}
+    if latency:
+        state.update({k: str(v) for k, v in H200_LATENCY_US.items()})
     return state
 
 
