@@ -2,15 +2,19 @@
 
 - A manager thread initialises NVML (retrying with backoff while the library or driver is missing)
   and re-enumerates GPUs now and then. A scrape never calls NVML itself.
-- Each GPU is read by its own worker thread, so slow driver calls on different GPUs overlap and a
-  hung call holds up only its own GPU. A scrape waits until its deadline, then serves that GPU's last
-  good values and counts the timeout; the hung worker is not asked again until it returns.
+- Where the driver answers in microseconds, one sweep thread reads the GPUs one after another: the
+  work is Python, and threads reading in parallel would only hand the GIL to each other. Where calls
+  are slow, each GPU is read by its own worker thread, so the calls overlap. A GPU the sweep has not
+  started within SWEEP_PATIENCE gets its own thread too, so a call that hangs holds up only its own GPU.
+  A scrape waits until its deadline, then serves that GPU's last good values and counts the timeout;
+  the hung read is not repeated until it returns.
 - Single-flight: concurrent scrapes share one collection, and a scrape within `min_interval` of the
   last collection is served from it.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import queue
 import threading
@@ -32,8 +36,9 @@ from .xidstore import XidStore
 
 log = logging.getLogger("nvml_exporter.collector")
 
-STAGGER = 0.002  # seconds a fast GPU's read runs alone before the next GPU's read starts
-FAST_CALL = 50e-6  # seconds: a driver whose quickest call is faster than this is read one GPU at a time
+_VALID = {name: metric.valid for name, metric in BY_NAME.items()}
+FAST_CALL = 50e-6  # seconds: a GPU whose quickest call is faster than this is read by the sweep
+SWEEP_PATIENCE = 0.05  # seconds: GPUs the sweep has not started by then are read by their own threads
 FOLLOWER_WAIT = 1.0  # seconds a scrape waits for another scrape's collection before serving what is known
 
 
@@ -45,8 +50,8 @@ class _Worker:
         self._queue: queue.SimpleQueue[tuple[Future[None], Callable[[], None]] | None] = queue.SimpleQueue()
         threading.Thread(target=self._run, name=name, daemon=True).start()
 
-    def submit(self, fn: Callable[[], None]) -> Future[None]:
-        future: Future[None] = Future()
+    def submit(self, fn: Callable[[], None], future: Future[None] | None = None) -> Future[None]:
+        future = future or Future()
         self._queue.put((future, fn))
         return future
 
@@ -69,7 +74,7 @@ class _Worker:
 class _Gpu:
     index: int
     identity: GpuIdentity
-    worker: _Worker
+    _worker: _Worker | None = None  # started the first time this GPU is read on its own
     reader: GpuReader | None = None
     static: Values = field(default_factory=dict)
     slow: Values = field(default_factory=dict)
@@ -80,6 +85,15 @@ class _Gpu:
     duration: float = 0.0
     inflight: Future[None] | None = None
     read_started: float | None = None  # monotonic start of the read in progress
+
+    @property
+    def worker(self) -> _Worker:
+        if self._worker is None:
+            self._worker = _Worker(f"gpu{self.index}")
+        return self._worker
+
+    def fast(self) -> bool:
+        return self.reader is not None and self.reader.fastest_call < FAST_CALL
 
 
 class Collector:
@@ -113,6 +127,9 @@ class Collector:
         self._invalid: Counter[str] = Counter()
         self._last: Snapshot | None = None
         self._inflight: Future[Snapshot] | None = None
+        self._sweeper = _Worker("nvml-sweep")
+        self._sweep: Future[None] = Future()
+        self._sweep.set_result(None)
         self._stop = threading.Event()
         self._manager: threading.Thread | None = None
         self.initialised = threading.Event()  # NVML came up at least once (readiness)
@@ -138,8 +155,10 @@ class Collector:
                 watcher.stop()
         with self._lock:
             gpus = list(self._gpus)
+        self._sweeper.shutdown()
         for g in gpus:
-            g.worker.shutdown()
+            if g._worker is not None:
+                g._worker.shutdown()
         try:
             self._lib.shutdown()
         except NvmlError as e:
@@ -197,8 +216,7 @@ class Collector:
         with self._lock:
             known = len(self._gpus)
             for index in range(known, count):
-                worker = _Worker(f"gpu{index}")
-                self._gpus.append(_Gpu(index=index, identity=GpuIdentity(index=index, uuid=""), worker=worker))
+                self._gpus.append(_Gpu(index=index, identity=GpuIdentity(index=index, uuid="")))
         if count != known:
             log.info("GPUs enumerated", extra={"count": count})
 
@@ -268,7 +286,11 @@ class Collector:
     def _sanitize(self, values: Values) -> Values:
         """Drop sentinel and impossible readings (0xFFFFFFFF °C and the like) and count them."""
         for name, series in values.items():
-            low, high = BY_NAME[name].valid
+            low, high = _VALID[name]
+            readings = series.values()
+            total = sum(readings)  # NaN if any reading is NaN, which min() and max() can miss
+            if not series or (total == total and low <= min(readings) and max(readings) <= high):
+                continue  # the usual case, checked in C
             bad = [labels for labels, v in series.items() if not low <= v <= high]
             for labels in bad:
                 del series[labels]
@@ -311,17 +333,27 @@ class Collector:
     def _collect(self, deadline: float) -> Snapshot:
         with self._lock:
             gpus = list(self._gpus)
-        pending: dict[int, Future[None]] = {}
+        sweep_free = self._sweep.done()  # a sweep still running is stuck in a hung call
+        swept: list[tuple[_Gpu, Future[None]]] = []
         for gpu in gpus:
-            if gpu.inflight is None or gpu.inflight.done():
-                gpu.inflight = gpu.worker.submit(lambda gpu=gpu: self._read_gpu(gpu))
-                # Where the driver answers in microseconds, a read is mostly Python: let it finish alone
-                # (STAGGER at most) instead of eight threads handing the GIL back and forth. Where calls
-                # take longer, and for a read that hangs, the next GPU's read starts at once or soon.
-                if gpu.reader is not None and gpu.reader.fastest_call < FAST_CALL:
-                    wait([gpu.inflight], timeout=max(0.0, min(STAGGER, deadline - self._clock())))
-            pending[gpu.index] = gpu.inflight
-        done, _ = wait(pending.values(), timeout=max(0.0, deadline - self._clock()))
+            # A read still queued (behind a stuck sweep) is taken back; one that is running is left alone.
+            if gpu.inflight is not None and not gpu.inflight.done() and not gpu.inflight.cancel():
+                continue
+            if sweep_free and gpu.fast():
+                gpu.inflight = Future()
+                swept.append((gpu, gpu.inflight))
+            else:
+                gpu.inflight = gpu.worker.submit(functools.partial(self._read_gpu, gpu))
+        if swept:
+            self._sweep = self._sweeper.submit(functools.partial(self._read_in_turn, swept))
+        pending = {gpu.index: gpu.inflight for gpu in gpus if gpu.inflight is not None}
+        done, _ = wait(pending.values(), timeout=max(0.0, min(SWEEP_PATIENCE, deadline - self._clock())))
+        if len(done) < len(pending):
+            for gpu, future in swept:  # not started by the sweep yet: each on its own thread now
+                if future.cancel():
+                    gpu.inflight = gpu.worker.submit(functools.partial(self._read_gpu, gpu))
+                    pending[gpu.index] = gpu.inflight
+            done, _ = wait(pending.values(), timeout=max(0.0, deadline - self._clock()))
         stale = {index for index, f in pending.items() if f not in done}
         for f in done:
             f.result()  # surface a bug in a reader rather than serve silently wrong data
@@ -335,6 +367,16 @@ class Collector:
         with self._lock:
             self._last = snap
         return snap
+
+    def _read_in_turn(self, gpus: list[tuple[_Gpu, Future[None]]]) -> None:
+        for gpu, future in gpus:
+            if not future.set_running_or_notify_cancel():
+                continue  # taken back by the collection and given to the GPU's own thread
+            try:
+                self._read_gpu(gpu)
+                future.set_result(None)
+            except BaseException as e:  # handed to the collection, which re-raises it
+                future.set_exception(e)
 
     def _snapshot(self, stale: set[int]) -> Snapshot:
         with self._lock:
@@ -398,7 +440,7 @@ class Collector:
             self._prev[g.identity.index] = (g, mono)
         history = self.xids.history(uuid)
         d = diagnose(g, history, prev if g.up else None, mono - prev_at, now)
-        values: Values = {name: dict(series) for name, series in g.values.items()}
+        values: Values = dict(g.values)  # the series below are new dicts; the GPU's own are not changed
         for code, (count, last) in sorted(self.xids.series(uuid).items()):
             values.setdefault("nvidia_gpu_xid_errors_total", {})[(str(code),)] = count
             values.setdefault("nvidia_gpu_xid_last_timestamp_seconds", {})[(str(code),)] = last

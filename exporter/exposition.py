@@ -45,6 +45,21 @@ def format_value(v: float) -> str:
     return repr(v)
 
 
+# Most values on a page repeat from one scrape to the next (counters at 0, flags, limits, clocks): their
+# text is remembered. Bounded: emptied when full, so it cannot grow with the exporter's age.
+_TEXT: dict[float, str] = {}
+_TEXT_MAX = 65536
+
+
+def _text(v: float) -> str:
+    t = _TEXT.get(v)
+    if t is None:
+        if len(_TEXT) >= _TEXT_MAX:
+            _TEXT.clear()
+        t = _TEXT[v] = format_value(v)
+    return t
+
+
 @lru_cache(maxsize=4096)
 def _gpu_labels(index: int, uuid: str) -> str:
     return f'gpu="{index}",uuid="{escape(uuid)}"'
@@ -68,6 +83,7 @@ def _labelset(metric: Metric, values: tuple[str, ...]) -> str:
 
 
 def _gpu_samples(metric: Metric, gpus: tuple[GpuSnapshot, ...], driver: str) -> Iterator[str]:
+    """nvidia_gpu_info and nvidia_gpu_up, which come from the GPU's identity, not its values."""
     name = metric.name
     if name == "nvidia_gpu_info":
         for g in gpus:
@@ -77,17 +93,8 @@ def _gpu_samples(metric: Metric, gpus: tuple[GpuSnapshot, ...], driver: str) -> 
             vals = (i.name, i.pci_bus_id, i.serial, i.vbios_version, i.minor_number, driver)
             yield f"{name}{{{_gpu_labels(i.index, i.uuid)}{_extra_labels(name, vals)}}} 1\n"
         return
-    if name == "nvidia_gpu_up":
-        for g in gpus:
-            yield f"{name}{{{_gpu_labels(g.identity.index, g.identity.uuid)}}} {1 if g.up else 0}\n"
-        return
     for g in gpus:
-        series = g.values.get(name)
-        if not series:
-            continue
-        index, uuid = g.identity.index, g.identity.uuid
-        for labels, v in series.items():
-            yield _series(name, index, uuid, labels) + format_value(v) + "\n"
+        yield f"{name}{{{_gpu_labels(g.identity.index, g.identity.uuid)}}} {1 if g.up else 0}\n"
 
 
 def _exporter_samples(metric: Metric, snap: Snapshot, build: BuildInfo) -> Iterator[str]:
@@ -121,12 +128,32 @@ def render(snap: Snapshot, build: BuildInfo) -> bytes:
     out: list[str] = []
     driver = snap.state.driver_version
     for metric in ALL_METRICS:
-        if metric.per_gpu:
-            samples = list(_gpu_samples(metric, snap.gpus, driver))
+        header = len(out)
+        out.append("")  # the family's HELP and TYPE, once it has a sample
+        if metric.name not in _SPECIAL:
+            _gpu_values(out, metric.name, snap.gpus)
+        elif metric.per_gpu:
+            out.extend(_gpu_samples(metric, snap.gpus, driver))
         else:
-            samples = list(_exporter_samples(metric, snap, build))
-        if not samples:
-            continue
-        out.append(f"# HELP {metric.name} {metric.help}\n# TYPE {metric.name} {metric.type}\n")
-        out.extend(samples)
+            out.extend(_exporter_samples(metric, snap, build))
+        if len(out) > header + 1:
+            out[header] = f"# HELP {metric.name} {metric.help}\n# TYPE {metric.name} {metric.type}\n"
     return "".join(out).encode()
+
+
+def _gpu_values(out: list[str], name: str, gpus: tuple[GpuSnapshot, ...]) -> None:
+    """The hot loop of a scrape: one prebuilt series prefix and one remembered value text per sample."""
+    append = out.append
+    for g in gpus:
+        series = g.values.get(name)
+        if series:
+            index, uuid = g.identity.index, g.identity.uuid
+            for labels, v in series.items():
+                text = _TEXT.get(v)
+                if text is None:
+                    text = _text(v)
+                append(f"{_series(name, index, uuid, labels)}{text}\n")
+
+
+# Families rendered from the snapshot's state or the GPUs' identities rather than their values.
+_SPECIAL = frozenset({m.name for m in ALL_METRICS if not m.per_gpu} | {"nvidia_gpu_info", "nvidia_gpu_up"})

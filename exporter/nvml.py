@@ -79,6 +79,7 @@ class Field:
     labels: tuple[str, ...] = ()
     scale: float = 1.0
     scope: int = 0
+    link: bool = False  # a per-NVLink-port entry
 
 
 # Field ids <= 250 only: their numbering never changed across bindings (nvml.md §4.3).
@@ -114,15 +115,15 @@ def nvlink_fields(link: int) -> list[Field]:
     """Per-link fields. Link-scoped ids take the link in scopeId; CRC-data only has per-link ids for 0-11."""
     lk = str(link)
     fields = [
-        Field(165, "nvidia_gpu_nvlink_up", (lk,), scope=link),
-        Field(163, "nvidia_gpu_nvlink_errors_total", (lk, "crc_flit"), scope=link),
-        Field(161, "nvidia_gpu_nvlink_errors_total", (lk, "replay"), scope=link),
-        Field(162, "nvidia_gpu_nvlink_errors_total", (lk, "recovery"), scope=link),
+        Field(165, "nvidia_gpu_nvlink_up", (lk,), scope=link, link=True),
+        Field(163, "nvidia_gpu_nvlink_errors_total", (lk, "crc_flit"), scope=link, link=True),
+        Field(161, "nvidia_gpu_nvlink_errors_total", (lk, "replay"), scope=link, link=True),
+        Field(162, "nvidia_gpu_nvlink_errors_total", (lk, "recovery"), scope=link, link=True),
     ]
     if link < 6:
-        fields.append(Field(39 + link, "nvidia_gpu_nvlink_errors_total", (lk, "crc_data")))
+        fields.append(Field(39 + link, "nvidia_gpu_nvlink_errors_total", (lk, "crc_data"), link=True))
     elif link < 12:
-        fields.append(Field(102 + link - 6, "nvidia_gpu_nvlink_errors_total", (lk, "crc_data")))
+        fields.append(Field(102 + link - 6, "nvidia_gpu_nvlink_errors_total", (lk, "crc_data"), link=True))
     return fields
 
 
@@ -132,40 +133,74 @@ _FIELD_VALUES_LOCK = threading.Lock()
 
 class FieldBatch:
     """A prebuilt nvmlFieldValue_t array, read with one call. Entries a board does not support are
-    dropped for good, except per-link entries: an inactive NVLink port answers NOT_SUPPORTED too."""
+    dropped for good, except per-link entries: an inactive NVLink port answers NOT_SUPPORTED too.
+
+    Decoding is planned once per pattern of (value type, return code) across the entries, which stays
+    the same from one collection to the next: a collection then costs one pass over the raw values."""
 
     def __init__(self, fields: Iterable[Field], keep_unsupported: Callable[[Field], bool] = lambda f: False):
         self._keep_unsupported = keep_unsupported
         self._set(list(fields))
 
     def _set(self, fields: list[Field]) -> None:
+        assert all(f.scale <= 1 for f in fields), "field values are only ever scaled down"
         self.fields = fields
         self._array = (pynvml.c_nvmlFieldValue_t * len(fields))()
         for entry, f in zip(self._array, fields, strict=True):
             entry.fieldId = f.field_id
             entry.scopeId = f.scope
+        # The array as unsigned 64-bit words, 5 per entry: word 3 is valueType | nvmlReturn << 32, word 4
+        # the value's 8 bytes. Slicing it reads every entry's type and value in C.
+        words = memoryview(self._array).cast("B").cast("Q")
+        self._codes, self._raws = words[3::5], words[4::5]
+        self._pattern: list[int] = []
+        self._plan: list[tuple[str, tuple[str, ...], int, int] | None] = []
+        self._count = ctypes.c_int32(len(fields))
+        self._ref = ctypes.byref(self._array)
 
     def read(self, handle: Any, call: Callable[..., Any], values: Values) -> None:
         if not self.fields:
             return
         fn = pynvml._nvmlGetFunctionPointer("nvmlDeviceGetFieldValues")
+        count, ref = self._count, self._ref
 
         def get() -> None:
             with _FIELD_VALUES_LOCK:
-                pynvml._nvmlCheckReturn(fn(handle, ctypes.c_int32(len(self.fields)), ctypes.byref(self._array)))
+                ret = fn(handle, count, ref)
+            if ret != pynvml.NVML_SUCCESS:
+                raise pynvml.NVMLError(ret)
 
         if call("nvmlDeviceGetFieldValues", get) is _FAILED:
             return
+        codes = self._codes.tolist()
+        unsupported = self._replan(codes) if codes != self._pattern else []
+        for step, raw in zip(self._plan, self._raws.tolist(), strict=True):
+            if step is None:
+                continue
+            metric, labels, kind, divisor = step
+            v = float(raw) if kind == _RAW else _decode(kind, raw)
+            values.setdefault(metric, {})[labels] = v / divisor if divisor != 1 else v
+        if unsupported:  # the next collection reads the smaller batch
+            self._set([f for f in self.fields if f not in unsupported])
+
+    def _replan(self, codes: list[int]) -> list[Field]:
+        """Plan the decoding for this pattern of types and return codes; return the entries the board
+        does not support, to be dropped."""
+        plan: list[tuple[str, tuple[str, ...], int, int] | None] = []
         unsupported = []
-        # One copy of the array, unpacked in C: a ctypes attribute access per field costs more than NVML.
-        for (_, _, _, _, vtype, ret, raw), f in zip(_ENTRY.iter_unpack(bytes(self._array)), self.fields, strict=True):
+        for code, f in zip(codes, self.fields, strict=True):
+            vtype, ret = code & 0xFFFFFFFF, code >> 32
             if ret != pynvml.NVML_SUCCESS:
                 if ret in PERMANENT_CODES and not self._keep_unsupported(f):
                     unsupported.append(f)
+                plan.append(None)
                 continue
-            values.setdefault(f.metric, {})[f.labels] = scaled(_decode(vtype, raw, f.field_id), f.scale)
-        if unsupported:
-            self._set([f for f in self.fields if f not in unsupported])
+            # NVML may leave ECC fields typed DOUBLE though they hold an integer (DCGM's "WAR for bug 2032468").
+            raw_is_value = f.field_id in ECC_FIELD_IDS or vtype in _WHOLE_WORD_TYPES
+            plan.append((f.metric, f.labels, _RAW if raw_is_value else vtype,
+                         round(1 / f.scale) if f.scale < 1 else 1))
+        self._pattern, self._plan = codes, plan
+        return unsupported
 
 
 def scaled(v: float, scale: float) -> float:
@@ -174,16 +209,16 @@ def scaled(v: float, scale: float) -> float:
 
 
 # nvmlFieldValue_t: fieldId u32, scopeId u32, timestamp i64, latencyUsec i64, valueType u32, nvmlReturn u32,
-# value (a union of 8 bytes, read here as its raw u64).
-_ENTRY = struct.Struct("=IIqqIIQ")
-assert _ENTRY.size == ctypes.sizeof(pynvml.c_nvmlFieldValue_t)
+# value (a union of 8 bytes): five 64-bit words, which FieldBatch reads as such.
+assert ctypes.sizeof(pynvml.c_nvmlFieldValue_t) == 40
 
 
-def _decode(vtype: int, raw: int, field_id: int) -> float:
+_RAW = -1  # the 8 bytes are the value: unsigned long (long) types, ECC counters
+_WHOLE_WORD_TYPES = frozenset({pynvml.NVML_VALUE_TYPE_UNSIGNED_LONG, pynvml.NVML_VALUE_TYPE_UNSIGNED_LONG_LONG})
+
+
+def _decode(vtype: int, raw: int) -> float:
     """The union's value by its type (little-endian: narrower members are the low bytes)."""
-    # NVML may leave ECC fields typed DOUBLE though they hold an integer (DCGM's "WAR for bug 2032468").
-    if field_id in ECC_FIELD_IDS:
-        return float(raw)
     if vtype == pynvml.NVML_VALUE_TYPE_DOUBLE:
         return float(struct.unpack("=d", struct.pack("=Q", raw))[0])
     if vtype == pynvml.NVML_VALUE_TYPE_UNSIGNED_INT:
@@ -195,7 +230,7 @@ def _decode(vtype: int, raw: int, field_id: int) -> float:
         return float(low - (1 << 32) if low >= 1 << 31 else low)
     if vtype == getattr(pynvml, "NVML_VALUE_TYPE_UNSIGNED_SHORT", 6):
         return float(raw & 0xFFFF)
-    return float(raw)  # unsigned long, unsigned long long
+    return float(raw)
 
 
 _FAILED = object()
@@ -210,8 +245,8 @@ class GpuReader:
         self._unsupported: set[str] = set()
         self._fast = FieldBatch(FAST_FIELDS)
         self._slow = FieldBatch(SLOW_FIELDS)
-        self._nvlink = FieldBatch(())
         self._fans = 0
+        self._getters: _FastGetters | None = None
         # The quickest single NVML call of the last fast read: what the driver costs, free of waits for
         # the GIL (the quickest of ~20 calls is rarely one that waited). The collector reads GPUs whose
         # driver answers in microseconds one after another, and overlaps the slow ones.
@@ -224,16 +259,18 @@ class GpuReader:
         `key` names the reading (function, plus the argument where one function serves several)."""
         if key in self._unsupported:
             return _FAILED
-        function = key.split(":", 1)[0]
         started = time.perf_counter()
         try:
             result = fn(*args)
-            self._fastest = min(self._fastest, time.perf_counter() - started)
+            took = time.perf_counter() - started
+            if took < self._fastest:
+                self._fastest = took
             return result
         except pynvml.NVMLError as e:
             code = e.value
         except (pynvml.NVMLLibraryMismatchError, AttributeError):
             code = FUNCTION_NOT_FOUND  # the bindings or the driver lack this entry point
+        function = key.split(":", 1)[0]
         self._on_error(function, code)
         if code in LOST_CODES:
             raise GpuLost(function, code)
@@ -283,9 +320,11 @@ class GpuReader:
                   pynvml.nvmlDeviceGetMaxPcieLinkWidth, h)
         fans = self._call("nvmlDeviceGetNumFans", pynvml.nvmlDeviceGetNumFans, h)
         self._fans = 0 if fans is _FAILED else int(fans)
-        self._nvlink = FieldBatch(
-            [f for link in self._nvlink_ports() for f in nvlink_fields(link)], keep_unsupported=lambda f: True
-        )
+        # One field-value call per collection for the fast counters and every NVLink port (an inactive
+        # port answers NOT_SUPPORTED too, so its entries are kept).
+        links = [f for link in self._nvlink_ports() for f in nvlink_fields(link)]
+        self._fast = FieldBatch([*self._fast.fields, *links], keep_unsupported=lambda f: f.link)
+        self._getters = None
         return values
 
     def _nvlink_ports(self) -> list[int]:
@@ -320,81 +359,128 @@ class GpuReader:
         return values
 
     def read_fast(self) -> Values:
-        h = self.handle
+        if self._getters is None:
+            self._getters = _FastGetters(self.handle, self._fans)
+        g = self._getters
         values: Values = {}
         self._fastest = float("inf")
-        put = self._put
-        put(values, "nvidia_gpu_temperature_celsius", (), "nvmlDeviceGetTemperature",
-            pynvml.nvmlDeviceGetTemperature, h, pynvml.NVML_TEMPERATURE_GPU)
-        put(values, "nvidia_gpu_power_watts", (), "nvmlDeviceGetPowerUsage", pynvml.nvmlDeviceGetPowerUsage, h,
-            scale=1e-3)
-        put(values, "nvidia_gpu_power_limit_watts", (), "nvmlDeviceGetEnforcedPowerLimit",
-            pynvml.nvmlDeviceGetEnforcedPowerLimit, h, scale=1e-3)
-        for fan in range(self._fans):
-            put(values, "nvidia_gpu_fan_speed_ratio", (str(fan),), f"nvmlDeviceGetFanSpeed_v2:{fan}",
-                pynvml.nvmlDeviceGetFanSpeed_v2, h, fan, scale=0.01)
-        for clock, name in CLOCKS:
-            put(values, "nvidia_gpu_clock_hertz", (name,), f"nvmlDeviceGetClockInfo:{clock}",
-                pynvml.nvmlDeviceGetClockInfo, h, clock, scale=1e6)
-        util = self._call("nvmlDeviceGetUtilizationRates", pynvml.nvmlDeviceGetUtilizationRates, h)
+        call = self._call
+        for metric, labels, key, get, scale in g.plain:
+            v = call(key, get)
+            if v is not _FAILED:
+                values.setdefault(metric, {})[labels] = scaled(v, scale)
+        util = call("nvmlDeviceGetUtilizationRates", g.utilization)
         if util is not _FAILED:
             values["nvidia_gpu_utilization_ratio"] = {(): util.gpu / 100}
             values["nvidia_gpu_memory_utilization_ratio"] = {(): util.memory / 100}
-        for metric, key, fn in (
-            ("nvidia_gpu_encoder_utilization_ratio", "nvmlDeviceGetEncoderUtilization",
-             pynvml.nvmlDeviceGetEncoderUtilization),
-            ("nvidia_gpu_decoder_utilization_ratio", "nvmlDeviceGetDecoderUtilization",
-             pynvml.nvmlDeviceGetDecoderUtilization),
-        ):
-            v = self._call(key, fn, h)
+        for metric, key, get in g.codec:
+            v = call(key, get)
             if v is not _FAILED:
-                values[metric] = {(): v[0] / 100}
-        self._read_memory(values)
-        put(values, "nvidia_gpu_performance_state", (), "nvmlDeviceGetPerformanceState",
-            pynvml.nvmlDeviceGetPerformanceState, h)
-        put(values, "nvidia_gpu_persistence_mode", (), "nvmlDeviceGetPersistenceMode",
-            pynvml.nvmlDeviceGetPersistenceMode, h)
-        put(values, "nvidia_gpu_pcie_link_generation", (), "nvmlDeviceGetCurrPcieLinkGeneration",
-            pynvml.nvmlDeviceGetCurrPcieLinkGeneration, h)
-        put(values, "nvidia_gpu_pcie_link_width", (), "nvmlDeviceGetCurrPcieLinkWidth",
-            pynvml.nvmlDeviceGetCurrPcieLinkWidth, h)
-        self._read_clock_events(values)
-        procs = self._call("nvmlDeviceGetComputeRunningProcesses_v3", pynvml.nvmlDeviceGetComputeRunningProcesses, h)
+                values[metric] = {(): v / 100}
+        mem = call("nvmlDeviceGetMemoryInfo_v2", g.memory)
+        if mem is not _FAILED:
+            values["nvidia_gpu_memory_total_bytes"] = {(): float(mem.total)}
+            values["nvidia_gpu_memory_used_bytes"] = {(): float(mem.used)}
+            values["nvidia_gpu_memory_free_bytes"] = {(): float(mem.free)}
+            values["nvidia_gpu_memory_reserved_bytes"] = {(): float(mem.reserved)}
+        mask = call("nvmlDeviceGetCurrentClocksEventReasons", g.clock_events)
+        if mask is not _FAILED:
+            values["nvidia_gpu_clock_event_active"] = {
+                (name,): 1.0 if mask & bit else 0.0 for bit, name in CLOCK_EVENT_REASONS
+            }
+        procs = call("nvmlDeviceGetComputeRunningProcesses_v3", g.processes)
         if procs is not _FAILED:
-            values["nvidia_gpu_compute_processes"] = {(): float(len(procs))}
-        self._fast.read(h, self._call, values)
-        self._nvlink.read(h, self._call, values)
+            values["nvidia_gpu_compute_processes"] = {(): float(procs)}
+        self._fast.read(self.handle, call, values)
         self.fastest_call = self._fastest
         return values
 
-    def _read_memory(self, values: Values) -> None:
-        mem = self._call("nvmlDeviceGetMemoryInfo_v2", _memory_v2, self.handle)
-        if mem is _FAILED:
-            return
-        values["nvidia_gpu_memory_total_bytes"] = {(): float(mem.total)}
-        values["nvidia_gpu_memory_used_bytes"] = {(): float(mem.used)}
-        values["nvidia_gpu_memory_free_bytes"] = {(): float(mem.free)}
-        values["nvidia_gpu_memory_reserved_bytes"] = {(): float(mem.reserved)}
 
-    def _read_clock_events(self, values: Values) -> None:
-        mask = self._call("nvmlDeviceGetCurrentClocksEventReasons", _clock_event_reasons, self.handle)
-        if mask is _FAILED:
-            return
-        values["nvidia_gpu_clock_event_active"] = {
-            (name,): 1.0 if mask & bit else 0.0 for bit, name in CLOCK_EVENT_REASONS
-        }
+def _symbol(name: str) -> Any:
+    """The library's entry point, or None where this driver lacks it."""
+    try:
+        return pynvml._nvmlGetFunctionPointer(name)
+    except pynvml.NVMLError:
+        return None
 
 
-def _memory_v2(handle: Any) -> Any:
-    return pynvml.nvmlDeviceGetMemoryInfo(handle, version=pynvml.nvmlMemory_v2)
+def _getter(symbol: str, handle: Any, *args: Any, out: Any = None, after: tuple[Any, ...] = ()) -> Callable[[], Any]:
+    """fn(handle, *args, &out) with its arguments built once, returning out's value (or out itself, for a
+    struct). Every collection pays the C call, not pynvml's wrapper: its lookups, ctypes objects, byref."""
+    fn = _symbol(symbol)
+    holder = ctypes.c_uint() if out is None else out
+    argv = (handle, *args, ctypes.byref(holder), *after)
+    simple = isinstance(holder, ctypes._SimpleCData)
+
+    def get() -> Any:
+        if fn is None:
+            raise pynvml.NVMLError(FUNCTION_NOT_FOUND)
+        ret = fn(*argv)
+        if ret != pynvml.NVML_SUCCESS:
+            raise pynvml.NVMLError(ret)
+        return holder.value if simple else holder
+
+    return get
 
 
-def _clock_event_reasons(handle: Any) -> int:
-    # The "event" name arrived in 12.535; older bindings only have the "throttle" one.
-    fn = getattr(pynvml, "nvmlDeviceGetCurrentClocksEventReasons", None)
-    if fn is None:
-        fn = pynvml.nvmlDeviceGetCurrentClocksThrottleReasons
-    return int(fn(handle))
+class _FastGetters:
+    """The fast tier's getters for one GPU handle, built on its first read."""
+
+    def __init__(self, handle: Any, fans: int):
+        plain: list[tuple[str, tuple[str, ...], str, Callable[[], Any], float]] = [
+            ("nvidia_gpu_temperature_celsius", (), "nvmlDeviceGetTemperature",
+             _getter("nvmlDeviceGetTemperature", handle, pynvml.NVML_TEMPERATURE_GPU), 1.0),
+            ("nvidia_gpu_power_watts", (), "nvmlDeviceGetPowerUsage",
+             _getter("nvmlDeviceGetPowerUsage", handle), 1e-3),
+            ("nvidia_gpu_power_limit_watts", (), "nvmlDeviceGetEnforcedPowerLimit",
+             _getter("nvmlDeviceGetEnforcedPowerLimit", handle), 1e-3),
+        ]
+        plain += [("nvidia_gpu_fan_speed_ratio", (str(fan),), f"nvmlDeviceGetFanSpeed_v2:{fan}",
+                   _getter("nvmlDeviceGetFanSpeed_v2", handle, fan), 0.01) for fan in range(fans)]
+        plain += [("nvidia_gpu_clock_hertz", (name,), f"nvmlDeviceGetClockInfo:{clock}",
+                   _getter("nvmlDeviceGetClockInfo", handle, clock), 1e6) for clock, name in CLOCKS]
+        plain += [(metric, (), symbol, _getter(symbol, handle), 1.0) for metric, symbol in (
+            ("nvidia_gpu_performance_state", "nvmlDeviceGetPerformanceState"),
+            ("nvidia_gpu_persistence_mode", "nvmlDeviceGetPersistenceMode"),
+            ("nvidia_gpu_pcie_link_generation", "nvmlDeviceGetCurrPcieLinkGeneration"),
+            ("nvidia_gpu_pcie_link_width", "nvmlDeviceGetCurrPcieLinkWidth"),
+        )]
+        self.plain = plain
+        self.utilization = _getter("nvmlDeviceGetUtilizationRates", handle, out=pynvml.c_nvmlUtilization_t())
+        codecs = (("nvidia_gpu_encoder_utilization_ratio", "nvmlDeviceGetEncoderUtilization"),
+                  ("nvidia_gpu_decoder_utilization_ratio", "nvmlDeviceGetDecoderUtilization"))
+        # (utilisation, sampling period): the period is not used
+        self.codec = [(metric, symbol, _getter(symbol, handle, after=(ctypes.byref(ctypes.c_uint()),)))
+                      for metric, symbol in codecs]
+        memory = pynvml.c_nvmlMemory_v2_t()
+        memory.version = pynvml.nvmlMemory_v2
+        self.memory = _getter("nvmlDeviceGetMemoryInfo_v2", handle, out=memory)
+        # The "event" name arrived in driver 535; older drivers only have the "throttle" one (same ABI).
+        events = ("nvmlDeviceGetCurrentClocksEventReasons" if _symbol("nvmlDeviceGetCurrentClocksEventReasons")
+                  else "nvmlDeviceGetCurrentClocksThrottleReasons")
+        self.clock_events = _getter(events, handle, out=ctypes.c_ulonglong())
+        self.processes = _process_count(handle)
+
+
+def _process_count(handle: Any) -> Callable[[], int]:
+    """How many compute processes: the first half of the driver's two-call protocol says so, without
+    the process list that would need a second call."""
+    fn = _symbol("nvmlDeviceGetComputeRunningProcesses_v3")
+    count = ctypes.c_uint(0)
+    argv = (handle, ctypes.byref(count), None)
+
+    def get() -> int:
+        if fn is None:
+            raise pynvml.NVMLError(FUNCTION_NOT_FOUND)
+        count.value = 0
+        ret = fn(*argv)
+        if ret == pynvml.NVML_SUCCESS:
+            return 0
+        if ret == pynvml.NVML_ERROR_INSUFFICIENT_SIZE:
+            return count.value
+        raise pynvml.NVMLError(ret)
+
+    return get
 
 
 def _str(v: bytes | str) -> str:

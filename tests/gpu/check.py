@@ -229,7 +229,7 @@ def reader_profile(n: int = 200) -> tuple[list[str], dict[str, Any]]:
         reader.read_fast()
     for _ in range(n // 4):
         reader.read_slow()
-    for name, batch in (("fast", reader._fast), ("slow", reader._slow), ("nvlink", reader._nvlink)):
+    for name, batch in (("fast, with NVLink", reader._fast), ("slow", reader._slow)):
         key = f"nvmlDeviceGetFieldValues ({name} batch, {len(batch.fields)} entries)"
         for _ in range(n if batch.fields else 0):
             t0 = time.perf_counter()
