@@ -241,14 +241,12 @@ class Collector:
             reader = gpu.reader
             assert reader is not None
             if started - gpu.slow_at >= self._slow_interval:
-                gpu.slow = reader.read_slow()
+                gpu.slow = self._sanitize(reader.read_slow())
                 gpu.slow_at = started
-            fast = reader.read_fast()
-            values: Values = {}
-            for part in (gpu.static, gpu.slow, fast):
-                for name, series in part.items():
-                    values.setdefault(name, {}).update(series)
-            values = self._sanitize(values)
+            fast = self._sanitize(reader.read_fast())
+            values: Values = {**gpu.static, **gpu.slow, **fast}
+            for name in gpu.slow.keys() & fast.keys():  # a family read in two tiers (ECC: volatile, aggregate)
+                values[name] = {**gpu.slow[name], **fast[name]}
             with self._lock:
                 gpu.last, gpu.up = values, True
         except GpuLost as e:
@@ -276,7 +274,7 @@ class Collector:
         identity = reader.read_identity()
         if identity.index < 0:
             identity = GpuIdentity(**{**identity.__dict__, "index": gpu.index})
-        static = reader.read_static()
+        static = self._sanitize(reader.read_static())
         with self._lock:
             was_lost = bool(gpu.identity.uuid)
             gpu.identity, gpu.static, gpu.reader, gpu.slow_at = identity, static, reader, float("-inf")
@@ -288,9 +286,14 @@ class Collector:
         for name, series in values.items():
             low, high = _VALID[name]
             readings = series.values()
-            total = sum(readings)  # NaN if any reading is NaN, which min() and max() can miss
-            if not series or (total == total and low <= min(readings) and max(readings) <= high):
-                continue  # the usual case, checked in C
+            if len(series) == 1:
+                (v,) = readings
+                if low <= v <= high:  # (NaN fails both comparisons)
+                    continue
+            else:
+                total = sum(readings)  # NaN if any reading is NaN, which min() and max() can miss
+                if not series or (total == total and low <= min(readings) and max(readings) <= high):
+                    continue  # the usual case, checked in C
             bad = [labels for labels, v in series.items() if not low <= v <= high]
             for labels in bad:
                 del series[labels]

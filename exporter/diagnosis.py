@@ -8,7 +8,7 @@ at, the limit, the severity and the action. Thresholds come from NVIDIA's and DC
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 from .snapshot import GpuSnapshot
@@ -57,7 +57,10 @@ class Diagnosis:
 
 
 def _v(g: GpuSnapshot, metric: str, *labels: str) -> float | None:
-    return g.value(metric, *labels)
+    return g.values.get(metric, _NONE).get(labels)  # GpuSnapshot.value, one call less: rules run per scrape
+
+
+_NONE: Mapping[tuple[str, ...], float] = {}
 
 
 def _sum(g: GpuSnapshot, metric: str, match: Callable[[tuple[str, ...]], bool] = lambda _: True) -> float:
@@ -177,14 +180,25 @@ def _rate_findings(g: GpuSnapshot, prev: GpuSnapshot | None, seconds: float) -> 
 
 
 def _link_errors(g: GpuSnapshot) -> tuple[float, float]:
-    """(replay + recovery, crc_flit + crc_data) over all links, in one pass over the per-link series."""
+    """(replay + recovery, crc_flit + crc_data) over all links, in one pass over the per-link series.
+    A collection's totals serve twice (now, and as the previous collection next time), so the last two
+    per GPU are remembered, by the series' identity (holding the series, so it cannot be reused)."""
+    series = g.values.get("nvidia_gpu_nvlink_errors_total", {})
+    known = _LINK_TOTALS.get(g.identity.uuid, ())
+    for seen, totals in known:
+        if seen is series:
+            return totals
     faults = crc = 0.0
-    for (_, kind), v in g.values.get("nvidia_gpu_nvlink_errors_total", {}).items():
+    for (_, kind), v in series.items():
         if kind in ("replay", "recovery"):
             faults += v
         else:
             crc += v
+    _LINK_TOTALS[g.identity.uuid] = ((series, (faults, crc)), *known[:1])
     return faults, crc
+
+
+_LINK_TOTALS: dict[str, tuple[tuple[Mapping[tuple[str, ...], float], tuple[float, float]], ...]] = {}
 
 
 def _xid_findings(history: Iterable[XidEvent], now: float) -> list[Finding]:
@@ -230,6 +244,8 @@ def diagnose(g: GpuSnapshot, history: Iterable[XidEvent] = (), prev: GpuSnapshot
         action = RECOVERY_ACTIONS.get(int(recovery), "contact_support")
         findings.append(Finding("recovery_action", "critical", action,
                                 f"the driver asks for recovery action {int(recovery)} ({action})"))
+    if not findings:
+        return _HEALTHY
     checks = []
     for name in CHECKS:
         mine = [f for f in findings if f.check == name]
@@ -238,3 +254,5 @@ def diagnose(g: GpuSnapshot, history: Iterable[XidEvent] = (), prev: GpuSnapshot
         checks.append(Check(name, status, reason, action))
     return Diagnosis(tuple(checks), _strongest(findings)[1])
 
+
+_HEALTHY = Diagnosis(tuple(Check(name, "ok", "ok", "none") for name in CHECKS), "none")

@@ -141,18 +141,32 @@ def render(snap: Snapshot, build: BuildInfo) -> bytes:
     return "".join(out).encode()
 
 
+# A GPU's lines of one family, with the labels and values they were rendered from: most families of a
+# GPU read the same from one scrape to the next (error counters, limits, flags), and are reused whole.
+# Bounded like _TEXT: a GPU count times the families, unless GPUs come and go.
+_BLOCKS: dict[tuple[str, int, str], tuple[tuple[tuple[str, ...], ...], tuple[float, ...], str]] = {}
+_BLOCKS_MAX = 16384
+
+
 def _gpu_values(out: list[str], name: str, gpus: tuple[GpuSnapshot, ...]) -> None:
-    """The hot loop of a scrape: one prebuilt series prefix and one remembered value text per sample."""
+    """The hot loop of a scrape: a family's block per GPU, re-rendered only where a value changed."""
     append = out.append
     for g in gpus:
         series = g.values.get(name)
-        if series:
-            index, uuid = g.identity.index, g.identity.uuid
-            for labels, v in series.items():
-                text = _TEXT.get(v)
-                if text is None:
-                    text = _text(v)
-                append(f"{_series(name, index, uuid, labels)}{text}\n")
+        if not series:
+            continue
+        key = (name, g.identity.index, g.identity.uuid)
+        labels, values = tuple(series), tuple(series.values())
+        cached = _BLOCKS.get(key)
+        if cached is not None and cached[1] == values and cached[0] == labels:
+            append(cached[2])
+            continue
+        index, uuid = key[1], key[2]
+        text = "".join([f"{_series(name, index, uuid, lab)}{_text(v)}\n" for lab, v in series.items()])
+        if len(_BLOCKS) >= _BLOCKS_MAX:
+            _BLOCKS.clear()
+        _BLOCKS[key] = (labels, values, text)
+        append(text)
 
 
 # Families rendered from the snapshot's state or the GPUs' identities rather than their values.

@@ -9,8 +9,8 @@ tier, and raises `GpuLost` the moment NVML says the GPU fell off the bus.
 from __future__ import annotations
 
 import ctypes
+import operator
 import struct
-import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -127,13 +127,16 @@ def nvlink_fields(link: int) -> list[Field]:
     return fields
 
 
-# NVIDIA's DataDog incident: concurrent field-value calls gave spurious NOT_SUPPORTED. One at a time.
-_FIELD_VALUES_LOCK = threading.Lock()
-
-
 class FieldBatch:
     """A prebuilt nvmlFieldValue_t array, read with one call. Entries a board does not support are
-    dropped for good, except per-link entries: an inactive NVLink port answers NOT_SUPPORTED too.
+    dropped for good once they have said so twice in a row, except per-link entries: an inactive NVLink
+    port answers NOT_SUPPORTED too.
+
+    Why twice: DataDog's agent saw spurious NOT_SUPPORTED from concurrent field-value calls
+    (nvml.md §4.1) and serialised them process-wide. Here one thread reads a GPU at a time, calls on
+    different GPUs run concurrently (a process-wide lock doubled an 8-GPU collection at 200 µs/call),
+    and a one-off NOT_SUPPORTED costs one missing sample, not the series. On a real H200, 4 threads
+    calling at once on one GPU got no spurious answers (docs/hardware/h200-580.159.04.md).
 
     Decoding is planned once per pattern of (value type, return code) across the entries, which stays
     the same from one collection to the next: a collection then costs one pass over the raw values."""
@@ -154,7 +157,9 @@ class FieldBatch:
         words = memoryview(self._array).cast("B").cast("Q")
         self._codes, self._raws = words[3::5], words[4::5]
         self._pattern: list[int] = []
-        self._plan: list[tuple[str, tuple[str, ...], int, int] | None] = []
+        self._suspects: set[Field] = set()  # answered NOT_SUPPORTED once: dropped if they say it again
+        self._plan: list[tuple[str, tuple[str, ...], int, int, int]] = []
+        self._whole: list[tuple[str, tuple[tuple[str, ...], ...], Callable[[list[int]], tuple[int, ...]]]] = []
         self._count = ctypes.c_int32(len(fields))
         self._ref = ctypes.byref(self._array)
 
@@ -165,8 +170,7 @@ class FieldBatch:
         count, ref = self._count, self._ref
 
         def get() -> None:
-            with _FIELD_VALUES_LOCK:
-                ret = fn(handle, count, ref)
+            ret = fn(handle, count, ref)
             if ret != pynvml.NVML_SUCCESS:
                 raise pynvml.NVMLError(ret)
 
@@ -174,11 +178,11 @@ class FieldBatch:
             return
         codes = self._codes.tolist()
         unsupported = self._replan(codes) if codes != self._pattern else []
-        for step, raw in zip(self._plan, self._raws.tolist(), strict=True):
-            if step is None:
-                continue
-            metric, labels, kind, divisor = step
-            v = float(raw) if kind == _RAW else _decode(kind, raw)
+        raws = self._raws.tolist()
+        for metric, labels, pick in self._whole:  # whole-word counters, most entries: a family at a time, in C
+            values.setdefault(metric, {}).update(zip(labels, map(float, pick(raws)), strict=True))
+        for metric, labels, kind, divisor, i in self._plan:
+            v = float(raws[i]) if kind == _RAW else _decode(kind, raws[i])
             values.setdefault(metric, {})[labels] = v / divisor if divisor != 1 else v
         if unsupported:  # the next collection reads the smaller batch
             self._set([f for f in self.fields if f not in unsupported])
@@ -186,21 +190,37 @@ class FieldBatch:
     def _replan(self, codes: list[int]) -> list[Field]:
         """Plan the decoding for this pattern of types and return codes; return the entries the board
         does not support, to be dropped."""
-        plan: list[tuple[str, tuple[str, ...], int, int] | None] = []
-        unsupported = []
-        for code, f in zip(codes, self.fields, strict=True):
+        plan: list[tuple[str, tuple[str, ...], int, int, int]] = []
+        whole: dict[str, list[tuple[tuple[str, ...], int]]] = {}
+        unsupported: list[Field] = []
+        suspects: list[Field] = []
+        for i, (code, f) in enumerate(zip(codes, self.fields, strict=True)):
             vtype, ret = code & 0xFFFFFFFF, code >> 32
             if ret != pynvml.NVML_SUCCESS:
                 if ret in PERMANENT_CODES and not self._keep_unsupported(f):
-                    unsupported.append(f)
-                plan.append(None)
+                    (unsupported if f in self._suspects else suspects).append(f)
                 continue
             # NVML may leave ECC fields typed DOUBLE though they hold an integer (DCGM's "WAR for bug 2032468").
-            raw_is_value = f.field_id in ECC_FIELD_IDS or vtype in _WHOLE_WORD_TYPES
-            plan.append((f.metric, f.labels, _RAW if raw_is_value else vtype,
-                         round(1 / f.scale) if f.scale < 1 else 1))
-        self._pattern, self._plan = codes, plan
+            kind = _RAW if f.field_id in ECC_FIELD_IDS or vtype in _WHOLE_WORD_TYPES else vtype
+            divisor = round(1 / f.scale) if f.scale < 1 else 1
+            if kind == _RAW and divisor == 1:
+                whole.setdefault(f.metric, []).append((f.labels, i))
+            else:
+                plan.append((f.metric, f.labels, kind, divisor, i))
+        self._whole = [(metric, tuple(lab for lab, _ in group), _picker([i for _, i in group]))
+                       for metric, group in whole.items()]
+        self._plan = plan
+        self._suspects = set(suspects)
+        self._pattern = [] if suspects else codes  # plan again next time, to see whether they repeat it
         return unsupported
+
+
+def _picker(indices: list[int]) -> Callable[[list[int]], tuple[int, ...]]:
+    """A function taking these items of a list, as a tuple, in C (itemgetter returns a bare item for one)."""
+    if len(indices) == 1:
+        only = indices[0]
+        return lambda raws: (raws[only],)
+    return operator.itemgetter(*indices)
 
 
 def scaled(v: float, scale: float) -> float:

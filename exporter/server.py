@@ -5,8 +5,10 @@ from __future__ import annotations
 import gzip
 import html
 import logging
+import queue
 import socket
 import ssl
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -85,7 +87,8 @@ class Handler(BaseHTTPRequestHandler):
             log.debug("connection closed", extra={"peer": self.client_address[0], "error": str(e)})
 
     def log_message(self, format: str, *args: Any) -> None:
-        log.debug(format % args, extra={"peer": self.client_address[0]})
+        if log.isEnabledFor(logging.DEBUG):  # called for every request: format only when it is logged
+            log.debug(format % args, extra={"peer": self.client_address[0]})
 
     def _send(self, code: int, body: bytes, content_type: str, extra: dict[str, str] | None = None) -> None:
         headers = dict(self.server.app.web.headers)
@@ -98,9 +101,11 @@ class Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(len(body)))
         for k, v in headers.items():
             self.send_header(k, v)
-        self.end_headers()
+        # Headers and body in one write (one system call): what end_headers() would do, plus the body.
+        self._headers_buffer.append(b"\r\n")
         if self.command != "HEAD":
-            self.wfile.write(body)
+            self._headers_buffer.append(body)
+        self.flush_headers()
 
     def do_GET(self) -> None:
         app = self.server.app
@@ -127,14 +132,55 @@ class Handler(BaseHTTPRequestHandler):
     do_HEAD = do_GET
 
 
+class _Threads:
+    """Connection threads that are kept for the next connection instead of one new thread per scrape
+    (starting a thread costs more CPU than serving a scrape from the last collection). A thread idle
+    for IDLE seconds ends, so a burst of scrapers does not leave threads behind."""
+
+    IDLE = 60.0
+
+    def __init__(self, serve: Callable[[Any, Any], None]):
+        self._serve = serve
+        self._queue: queue.SimpleQueue[tuple[Any, Any]] = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._idle = 0
+
+    def submit(self, request: Any, address: Any) -> None:
+        with self._lock:
+            if self._idle:  # an idle thread takes it; queued under the lock, so that it cannot time out first
+                self._idle -= 1
+                self._queue.put((request, address))
+                return
+        threading.Thread(target=self._run, args=((request, address),), name="http", daemon=True).start()
+
+    def _run(self, item: tuple[Any, Any]) -> None:
+        while True:
+            self._serve(*item)
+            with self._lock:
+                self._idle += 1
+            try:
+                item = self._queue.get(timeout=self.IDLE)
+            except queue.Empty:
+                with self._lock:
+                    try:
+                        item = self._queue.get_nowait()  # handed over just as the wait ended
+                    except queue.Empty:
+                        self._idle -= 1
+                        return
+
+
 class Server(ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        self._connections.submit(request, client_address)
 
     def __init__(self, address: tuple[str, int], app: App, sock: socket.socket | None = None):
         host = address[0]
         self.address_family = socket.AF_INET6 if ":" in host or host == "" else socket.AF_INET
         self.app = app
+        self._connections = _Threads(self.process_request_thread)
         if host == "":
             address = ("::", address[1])
         if sock is None:
