@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import ctypes
 import logging
 import re
 import signal
@@ -95,6 +96,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logs.setup(args.log_level, args.log_format)
+    _one_malloc_arena()
     try:
         web = webconfig.load(args.web_config) if args.web_config else webconfig.WebConfig()
     except webconfig.WebConfigError as e:
@@ -135,6 +137,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         collector.stop()
         server.server_close()
     return 0
+
+
+def _one_malloc_arena() -> None:
+    """glibc gives every thread that allocates its own heap arena and keeps what was freed in each;
+    a few threads that allocate in turn (the GIL serialises them anyway) then hold several partly
+    empty heaps. One arena keeps the exporter at its working size: ~2 MiB less at 64 GPUs (make bench).
+    Called before any thread starts."""
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        log.debug("not glibc: malloc arenas left as they are")
+        return
+    if mallopt(_M_ARENA_MAX, 1) != 1:
+        log.debug("mallopt(M_ARENA_MAX) refused: malloc arenas left as they are")
+
+
+_M_ARENA_MAX = -8  # malloc.h
 
 
 def _systemd(collector: Collector, timeout: float) -> sdnotify.Watchdog | None:

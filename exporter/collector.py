@@ -37,7 +37,8 @@ from .xidstore import XidStore
 log = logging.getLogger("nvml_exporter.collector")
 
 _VALID = {name: metric.valid for name, metric in BY_NAME.items()}
-FAST_CALL = 50e-6  # seconds: a GPU whose quickest call is faster than this is read by the sweep
+FAST_CALL = 50e-6  # seconds: a GPU whose quickest call is faster than this is read by the sweep,
+SLOW_FIELDS = 1e-3  # unless the driver says its field values took longer than this (the energy counter)
 SWEEP_PATIENCE = 0.05  # seconds: GPUs the sweep has not started by then are read by their own threads
 FOLLOWER_WAIT = 1.0  # seconds a scrape waits for another scrape's collection before serving what is known
 
@@ -93,7 +94,8 @@ class _Gpu:
         return self._worker
 
     def fast(self) -> bool:
-        return self.reader is not None and self.reader.fastest_call < FAST_CALL
+        r = self.reader
+        return r is not None and r.fastest_call < FAST_CALL and r.field_seconds < SLOW_FIELDS
 
 
 class Collector:

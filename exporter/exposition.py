@@ -45,21 +45,6 @@ def format_value(v: float) -> str:
     return repr(v)
 
 
-# Most values on a page repeat from one scrape to the next (counters at 0, flags, limits, clocks): their
-# text is remembered. Bounded: emptied when full, so it cannot grow with the exporter's age.
-_TEXT: dict[float, str] = {}
-_TEXT_MAX = 65536
-
-
-def _text(v: float) -> str:
-    t = _TEXT.get(v)
-    if t is None:
-        if len(_TEXT) >= _TEXT_MAX:
-            _TEXT.clear()
-        t = _TEXT[v] = format_value(v)
-    return t
-
-
 @lru_cache(maxsize=4096)
 def _gpu_labels(index: int, uuid: str) -> str:
     return f'gpu="{index}",uuid="{escape(uuid)}"'
@@ -71,7 +56,7 @@ def _extra_labels(metric: str, values: tuple[str, ...]) -> str:
     return "".join(f',{n}="{escape(v)}"' for n, v in zip(names, values, strict=True))
 
 
-@lru_cache(maxsize=16384)
+@lru_cache(maxsize=4096)  # the series of families that change from scrape to scrape
 def _series(metric: str, index: int, uuid: str, labels: tuple[str, ...]) -> str:
     """'name{gpu="0",uuid="…",extra="…"} ', built once per series and reused every scrape."""
     extra = _extra_labels(metric, labels) if labels else ""
@@ -125,30 +110,41 @@ def _exporter_samples(metric: Metric, snap: Snapshot, build: BuildInfo) -> Itera
 
 
 def render(snap: Snapshot, build: BuildInfo) -> bytes:
-    out: list[str] = []
+    return b"".join(render_chunks(snap, build))
+
+
+def render_chunks(snap: Snapshot, build: BuildInfo) -> list[bytes]:
+    """The page as the pieces it is made of (mostly blocks kept from earlier scrapes), for a server
+    that can send them as they are, without copying them into one page first."""
+    out: list[bytes] = []
     driver = snap.state.driver_version
     for metric in ALL_METRICS:
         header = len(out)
-        out.append("")  # the family's HELP and TYPE, once it has a sample
+        out.append(b"")  # the family's HELP and TYPE, once it has a sample
         if metric.name not in _SPECIAL:
             _gpu_values(out, metric.name, snap.gpus)
         elif metric.per_gpu:
-            out.extend(_gpu_samples(metric, snap.gpus, driver))
+            out.append("".join(_gpu_samples(metric, snap.gpus, driver)).encode())
         else:
-            out.extend(_exporter_samples(metric, snap, build))
-        if len(out) > header + 1:
-            out[header] = f"# HELP {metric.name} {metric.help}\n# TYPE {metric.name} {metric.type}\n"
-    return "".join(out).encode()
+            out.append("".join(_exporter_samples(metric, snap, build)).encode())
+        if len(out) > header + 1 and any(out[header + 1:]):
+            out[header] = _header(metric)
+    return out
+
+
+@lru_cache(maxsize=256)
+def _header(metric: Metric) -> bytes:
+    return f"# HELP {metric.name} {metric.help}\n# TYPE {metric.name} {metric.type}\n".encode()
 
 
 # A GPU's lines of one family, with the labels and values they were rendered from: most families of a
-# GPU read the same from one scrape to the next (error counters, limits, flags), and are reused whole.
-# Bounded like _TEXT: a GPU count times the families, unless GPUs come and go.
-_BLOCKS: dict[tuple[str, int, str], tuple[tuple[tuple[str, ...], ...], tuple[float, ...], str]] = {}
+# GPU read the same from one scrape to the next (error counters, limits, flags), and are reused whole,
+# already encoded. Bounded: a GPU count times the families, unless GPUs come and go.
+_BLOCKS: dict[tuple[str, int, str], tuple[tuple[tuple[str, ...], ...], tuple[float, ...], bytes]] = {}
 _BLOCKS_MAX = 16384
 
 
-def _gpu_values(out: list[str], name: str, gpus: tuple[GpuSnapshot, ...]) -> None:
+def _gpu_values(out: list[bytes], name: str, gpus: tuple[GpuSnapshot, ...]) -> None:
     """The hot loop of a scrape: a family's block per GPU, re-rendered only where a value changed."""
     append = out.append
     for g in gpus:
@@ -162,11 +158,12 @@ def _gpu_values(out: list[str], name: str, gpus: tuple[GpuSnapshot, ...]) -> Non
             append(cached[2])
             continue
         index, uuid = key[1], key[2]
-        text = "".join([f"{_series(name, index, uuid, lab)}{_text(v)}\n" for lab, v in series.items()])
+        text = "".join([f"{_series(name, index, uuid, lab)}{format_value(v)}\n" for lab, v in series.items()])
         if len(_BLOCKS) >= _BLOCKS_MAX:
             _BLOCKS.clear()
-        _BLOCKS[key] = (labels, values, text)
-        append(text)
+        block = text.encode()
+        _BLOCKS[key] = (labels, values, block)
+        append(block)
 
 
 # Families rendered from the snapshot's state or the GPUs' identities rather than their values.

@@ -155,7 +155,8 @@ class FieldBatch:
         # The array as unsigned 64-bit words, 5 per entry: word 3 is valueType | nvmlReturn << 32, word 4
         # the value's 8 bytes. Slicing it reads every entry's type and value in C.
         words = memoryview(self._array).cast("B").cast("Q")
-        self._codes, self._raws = words[3::5], words[4::5]
+        self._latencies, self._codes, self._raws = words[2::5], words[3::5], words[4::5]
+        self.driver_us = 0  # what the driver says the last read took it (latencyUsec), in microseconds
         self._pattern: list[int] = []
         self._suspects: set[Field] = set()  # answered NOT_SUPPORTED once: dropped if they say it again
         self._plan: list[tuple[str, tuple[str, ...], int, int, int]] = []
@@ -177,6 +178,7 @@ class FieldBatch:
         if call("nvmlDeviceGetFieldValues", get) is _FAILED:
             return
         codes = self._codes.tolist()
+        self.driver_us = sum(self._latencies.tolist())  # (a driver that does not say leaves 0)
         unsupported = self._replan(codes) if codes != self._pattern else []
         raws = self._raws.tolist()
         for metric, labels, pick in self._whole:  # whole-word counters, most entries: a family at a time, in C
@@ -272,6 +274,9 @@ class GpuReader:
         # driver answers in microseconds one after another, and overlaps the slow ones.
         self.fastest_call = float("inf")
         self._fastest = float("inf")
+        # What the driver reports the fast tier's field values cost it: on a real H200 the energy
+        # counter alone takes ~3 ms, though every other call answers in microseconds.
+        self.field_seconds = 0.0
 
     # -- call discipline -------------------------------------------------------------------------
     def _call(self, key: str, fn: Callable[..., Any], *args: Any) -> Any:
@@ -412,6 +417,7 @@ class GpuReader:
         if procs is not _FAILED:
             values["nvidia_gpu_compute_processes"] = {(): float(procs)}
         self._fast.read(self.handle, call, values)
+        self.field_seconds = self._fast.driver_us * 1e-6
         self.fastest_call = self._fastest
         return values
 

@@ -187,7 +187,8 @@ def test_page_passes_promtool_and_prometheus_client_parser(fake: FakeNvml, start
 
 
 def test_landing_health_and_ready_pages(fake: FakeNvml, start_exporter) -> None:
-    exp = start_exporter(fake)
+    # ready comes once NVML is up and Xid events are registered, a moment after the first page is served
+    exp = start_exporter(fake, wait_ready=True)
     status, body = exp.get("/")
     assert status == 200
     assert body.count("NVIDIA H100 80GB HBM3") == 8 and "00000000:CA:00.0" in body and 'href="/metrics"' in body

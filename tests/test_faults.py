@@ -68,7 +68,7 @@ def test_no_library_at_start_serves_nvml_down_and_retries(tmp_path: Path, fake: 
     shutil.copy(LIBRARY, lib)  # the driver gets installed
     page = wait_for(lambda: (p := exp.metrics()) and samples(p)["nvml_exporter_nvml_up"] == 1 and p, timeout=30)
     assert page.count("nvidia_gpu_up{") == 8
-    assert exp.get("/-/ready")[0] == 200
+    wait_for(lambda: exp.get("/-/ready")[0] == 200)  # once the Xid events are registered too
 
 
 def test_driver_not_loaded_then_loaded(fake: FakeNvml, start_exporter) -> None:

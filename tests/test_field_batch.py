@@ -70,3 +70,15 @@ def test_inactive_nvlink_ports_are_kept(gpu: tuple[FakeNvml, object]) -> None:
     assert v == {"nvidia_gpu_nvlink_up": {("4",): 0.0}}
     fake.gpu(0, **{"nvlink.4.up": 1, "nvlink.4.crc_flit": 9})  # it comes up: its counters are there
     assert read(batch, h)["nvidia_gpu_nvlink_errors_total"][("4", "crc_flit")] == 9.0
+
+
+def test_what_the_driver_says_a_read_cost(gpu: tuple[FakeNvml, object]) -> None:
+    fake, h = gpu
+    batch = FieldBatch(FAST_FIELDS)
+    read(batch, h)
+    assert batch.driver_us == 0
+    # a real H200's energy counter and thermal-violation time (the collector then reads such GPUs on
+    # their own threads, so that the slow calls overlap)
+    fake.set({"latency_us.field.83": 2800, "latency_us.field.75": 610})
+    read(batch, h)
+    assert batch.driver_us == 3410
