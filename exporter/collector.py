@@ -94,8 +94,12 @@ class _Gpu:
         return self._worker
 
     def fast(self) -> bool:
-        r = self.reader
-        return r is not None and r.fastest_call < FAST_CALL and r.field_seconds < SLOW_FIELDS
+        return sweepable(self.reader)
+
+
+def sweepable(reader: GpuReader | None) -> bool:
+    """Whether the sweep reads this GPU: its driver answers in microseconds, field values included."""
+    return reader is not None and reader.fastest_call < FAST_CALL and reader.field_seconds < SLOW_FIELDS
 
 
 class Collector:

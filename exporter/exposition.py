@@ -56,7 +56,7 @@ def _extra_labels(metric: str, values: tuple[str, ...]) -> str:
     return "".join(f',{n}="{escape(v)}"' for n, v in zip(names, values, strict=True))
 
 
-@lru_cache(maxsize=4096)  # the series of families that change from scrape to scrape
+@lru_cache(maxsize=2048)  # the series of families that change from scrape to scrape
 def _series(metric: str, index: int, uuid: str, labels: tuple[str, ...]) -> str:
     """'name{gpu="0",uuid="…",extra="…"} ', built once per series and reused every scrape."""
     extra = _extra_labels(metric, labels) if labels else ""

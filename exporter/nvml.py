@@ -9,6 +9,7 @@ tier, and raises `GpuLost` the moment NVML says the GPU fell off the bus.
 from __future__ import annotations
 
 import ctypes
+import functools
 import operator
 import struct
 import time
@@ -111,7 +112,8 @@ SLOW_FIELDS: tuple[Field, ...] = (
 ECC_FIELD_IDS = frozenset({3, 4, 5, 6})
 
 
-def nvlink_fields(link: int) -> list[Field]:
+@functools.cache  # shared by every GPU: 64 GPUs x 18 links x 5 fields would otherwise be 6,000 objects
+def nvlink_fields(link: int) -> tuple[Field, ...]:
     """Per-link fields. Link-scoped ids take the link in scopeId; CRC-data only has per-link ids for 0-11."""
     lk = str(link)
     fields = [
@@ -124,7 +126,7 @@ def nvlink_fields(link: int) -> list[Field]:
         fields.append(Field(39 + link, "nvidia_gpu_nvlink_errors_total", (lk, "crc_data"), link=True))
     elif link < 12:
         fields.append(Field(102 + link - 6, "nvidia_gpu_nvlink_errors_total", (lk, "crc_data"), link=True))
-    return fields
+    return tuple(fields)
 
 
 class FieldBatch:

@@ -202,7 +202,7 @@ def reader_profile(n: int = 200) -> tuple[list[str], dict[str, Any]]:
     import pynvml
 
     from nvml_exporter import nvml as nv
-    from nvml_exporter.collector import FAST_CALL
+    from nvml_exporter.collector import FAST_CALL, SLOW_FIELDS, sweepable
 
     lib = nv.Library()
     lib.init()
@@ -262,9 +262,12 @@ def reader_profile(n: int = 200) -> tuple[list[str], dict[str, Any]]:
             fn()
             ts.append(time.perf_counter() - t0)
         reads[tier] = statistics.median(ts) * 1e3
+    swept = sweepable(reader)
     lines += ["", f"One whole read of GPU 0 (median of 50): fast tier {reads['fast']:.2f} ms, slow tier "
-              f"{reads['slow']:.2f} ms; quickest call of the last fast read {reader.fastest_call * 1e6:.1f} µs "
-              f"(the collector reads GPUs one after another where this is below {FAST_CALL * 1e6:.0f} µs)."]
+              f"{reads['slow']:.2f} ms; quickest call of the last fast read {reader.fastest_call * 1e6:.1f} µs, "
+              f"field values {reader.field_seconds * 1e3:.2f} ms by the driver's account (the collector "
+              f"sweeps GPUs one after another below {FAST_CALL * 1e6:.0f} µs and {SLOW_FIELDS * 1e3:g} ms; "
+              f"this one: {'swept' if swept else 'own thread'})."]
     raw["read_ms"] = reads
     raw["timings_us"] = {k: {"median": statistics.median(v) * 1e6, "n": len(v)} for k, v in timings.items()}
     return lines, raw
