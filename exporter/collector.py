@@ -51,8 +51,8 @@ class _Worker:
         self._queue: queue.SimpleQueue[tuple[Future[None], Callable[[], None]] | None] = queue.SimpleQueue()
         threading.Thread(target=self._run, name=name, daemon=True).start()
 
-    def submit(self, fn: Callable[[], None], future: Future[None] | None = None) -> Future[None]:
-        future = future or Future()
+    def submit(self, fn: Callable[[], None]) -> Future[None]:
+        future: Future[None] = Future()
         self._queue.put((future, fn))
         return future
 
