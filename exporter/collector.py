@@ -93,9 +93,6 @@ class _Gpu:
             self._worker = _Worker(f"gpu{self.index}")
         return self._worker
 
-    def fast(self) -> bool:
-        return sweepable(self.reader)
-
 
 def sweepable(reader: GpuReader | None) -> bool:
     """Whether the sweep reads this GPU: its driver answers in microseconds, field values included."""
@@ -348,7 +345,7 @@ class Collector:
             # A read still queued (behind a stuck sweep) is taken back; one that is running is left alone.
             if gpu.inflight is not None and not gpu.inflight.done() and not gpu.inflight.cancel():
                 continue
-            if sweep_free and gpu.fast():
+            if sweep_free and sweepable(gpu.reader):
                 gpu.inflight = Future()
                 swept.append((gpu, gpu.inflight))
             else:

@@ -188,8 +188,10 @@ class FieldBatch:
         for metric, labels, kind, divisor, i in self._plan:
             v = float(raws[i]) if kind == _RAW else _decode(kind, raws[i])
             values.setdefault(metric, {})[labels] = v / divisor if divisor != 1 else v
-        if unsupported:  # the next collection reads the smaller batch
+        if unsupported:  # the next collection reads the smaller batch; the other suspects stay suspect
+            suspects = self._suspects
             self._set([f for f in self.fields if f not in unsupported])
+            self._suspects = suspects
 
     def _replan(self, codes: list[int]) -> list[Field]:
         """Plan the decoding for this pattern of types and return codes; return the entries the board

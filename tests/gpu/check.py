@@ -195,6 +195,16 @@ def field_errors() -> list[str]:
             f"{nv.error_name(e.nvmlReturn)}" for f, e in zip(fields, entries, strict=True) if e.nvmlReturn]
 
 
+def times(fn: Any, n: int) -> list[float]:
+    """Seconds each of n calls of fn took."""
+    out = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - t0)
+    return out
+
+
 def reader_profile(n: int = 200) -> tuple[list[str], dict[str, Any]]:
     """Every NVML call the exporter's own reader makes on GPU 0, timed in place (median/p99 over n reads
     of each tier), and the raw answers: values per tier, errors, and each field-value entry as NVML
@@ -230,11 +240,9 @@ def reader_profile(n: int = 200) -> tuple[list[str], dict[str, Any]]:
     for _ in range(n // 4):
         reader.read_slow()
     for name, batch in (("fast, with NVLink", reader._fast), ("slow", reader._slow)):
-        key = f"nvmlDeviceGetFieldValues ({name} batch, {len(batch.fields)} entries)"
-        for _ in range(n if batch.fields else 0):
-            t0 = time.perf_counter()
-            batch.read(h, plain, {})
-            timings.setdefault(key, []).append(time.perf_counter() - t0)
+        if batch.fields:
+            key = f"nvmlDeviceGetFieldValues ({name} batch, {len(batch.fields)} entries)"
+            timings[key] = times(lambda batch=batch: batch.read(h, plain, {}), n)
     raw["errors"] = errors
     raw["nvlink_ports"] = ports
     links = (f for link in range(nv.MAX_NVLINKS) for f in nv.nvlink_fields(link))
@@ -254,14 +262,8 @@ def reader_profile(n: int = 200) -> tuple[list[str], dict[str, Any]]:
         ts.sort()
         p99 = ts[min(len(ts) - 1, int(len(ts) * 0.99))]
         lines.append(f"| {key} | {len(ts)} | {statistics.median(ts) * 1e6:.1f} | {p99 * 1e6:.1f} |")
-    reads = {}
-    for tier, fn in (("fast", reader.read_fast), ("slow", reader.read_slow)):
-        ts = []
-        for _ in range(50):
-            t0 = time.perf_counter()
-            fn()
-            ts.append(time.perf_counter() - t0)
-        reads[tier] = statistics.median(ts) * 1e3
+    reads = {tier: statistics.median(times(fn, 50)) * 1e3
+             for tier, fn in (("fast", reader.read_fast), ("slow", reader.read_slow))}
     swept = sweepable(reader)
     lines += ["", f"One whole read of GPU 0 (median of 50): fast tier {reads['fast']:.2f} ms, slow tier "
               f"{reads['slow']:.2f} ms; quickest call of the last fast read {reader.fastest_call * 1e6:.1f} µs, "
@@ -285,13 +287,8 @@ def driver_experiments(n: int = 50) -> tuple[list[str], dict[str, Any]]:
     ids = [f.field_id for f in (*nv.FAST_FIELDS, *nv.SLOW_FIELDS)]
     out: dict[str, Any] = {}
 
-    def median_us(fn: Any, k: int = n) -> float:
-        ts = []
-        for _ in range(k):
-            t0 = time.perf_counter()
-            fn()
-            ts.append(time.perf_counter() - t0)
-        return statistics.median(ts) * 1e6
+    def median_us(fn: Any) -> float:
+        return statistics.median(times(fn, n)) * 1e6
 
     per_field = {fid: median_us(lambda fid=fid: pynvml.nvmlDeviceGetFieldValues(h, [fid])) for fid in ids}
     fast_ids = [f.field_id for f in nv.FAST_FIELDS]
