@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import email.utils
 import gzip
 import html
 import logging
 import queue
 import socket
+import socketserver
 import ssl
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -69,74 +71,203 @@ Metrics at <a href="{path}">{path}</a>.</p>
         return page.encode()
 
 
-class Handler(BaseHTTPRequestHandler):
-    server: Server
-    protocol_version = "HTTP/1.1"
-    timeout = 30
-    server_version = f"nvml-exporter/{__version__}"
+class BadRequest(Exception):
+    def __init__(self, code: int, message: str):
+        super().__init__(message)
+        self.code = code
 
-    def setup(self) -> None:
-        super().setup()
-        if isinstance(self.request, ssl.SSLSocket):
-            self.request.do_handshake()  # here, in the request's own thread, not in accept()
 
-    def handle(self) -> None:
-        try:
-            super().handle()
-        except (ssl.SSLError, ConnectionError, TimeoutError) as e:
-            log.debug("connection closed", extra={"peer": self.client_address[0], "error": str(e)})
+@dataclass
+class Request:
+    method: str
+    target: str
+    version: str
+    headers: dict[str, str]  # names in lower case; repeated headers joined with ", "
 
-    def log_message(self, format: str, *args: Any) -> None:
-        if log.isEnabledFor(logging.DEBUG):  # called for every request: format only when it is logged
-            log.debug(format % args, extra={"peer": self.client_address[0]})
+    @property
+    def path(self) -> str:
+        if self.target.startswith("/"):
+            return self.target.split("?", 1)[0]
+        return urlsplit(self.target).path  # absolute form: http://host:port/metrics
 
-    def _send(self, code: int, body: bytes | list[bytes], content_type: str,
-              extra: dict[str, str] | None = None) -> None:
-        headers = dict(self.server.app.web.headers)
-        headers.update(extra or {})
+    def keep_alive(self) -> bool:
+        tokens = {t.strip().lower() for t in self.headers.get("connection", "").split(",")}
+        if self.version == "HTTP/1.0":
+            return "keep-alive" in tokens
+        return "close" not in tokens
+
+
+MAX_HEAD = 16384  # bytes of request line and headers; Prometheus sends a few hundred
+MAX_BODY = 65536  # a GET's body is read and ignored up to this size
+_REASONS = {200: "OK", 400: "Bad Request", 401: "Unauthorized", 404: "Not Found", 405: "Method Not Allowed",
+            408: "Request Timeout", 413: "Content Too Large", 431: "Request Header Fields Too Large",
+            500: "Internal Server Error", 501: "Not Implemented", 503: "Service Unavailable",
+            505: "HTTP Version Not Supported"}
+_TOKEN = frozenset(b"!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
+
+
+def parse_head(head: bytes) -> Request:
+    """The request line and headers (up to, not including, the blank line), as RFC 9112 reads them."""
+    lines = head.split(b"\r\n")
+    parts = lines[0].split(b" ")
+    if len(parts) != 3 or not parts[0] or not parts[1]:
+        raise BadRequest(400, "malformed request line")
+    method, target, version = (p.decode("latin-1") for p in parts)
+    if not version.startswith("HTTP/1.") or version not in ("HTTP/1.0", "HTTP/1.1"):
+        raise BadRequest(505 if version.startswith("HTTP/") else 400, f"unsupported version {version[:16]!r}")
+    if len(lines) > 101:
+        raise BadRequest(431, "too many headers")
+    headers: dict[str, str] = {}
+    for line in lines[1:]:
+        name, colon, value = line.partition(b":")
+        if not colon or not name or not _TOKEN.issuperset(name):  # also refuses obsolete line folding
+            raise BadRequest(400, "malformed header line")
+        key = name.decode("ascii").lower()
+        text = value.strip(b" \t").decode("latin-1")
+        headers[key] = f"{headers[key]}, {text}" if key in headers else text
+    return Request(method, target, version, headers)
+
+
+def _date(now: float) -> str:
+    return email.utils.formatdate(now, usegmt=True)
+
+
+class Connection:
+    """One client connection: requests read with plain socket calls, answered in turn, kept alive as
+    HTTP/1.1 asks. http.server's handler parses headers with the email package and costs a scraping
+    Prometheus more CPU than the collection itself (make bench)."""
+
+    timeout = 30.0  # seconds a client may take to send a request, or stay idle between requests
+    server_header = f"nvml-exporter/{__version__}"
+
+    def __init__(self, sock: socket.socket, peer: Any, app: App):
+        self.sock, self.peer, self.app = sock, peer, app
+        self._buffer = b""
+        self._date: tuple[int, str] = (0, "")
+
+    def serve(self) -> None:
+        self.sock.settimeout(self.timeout)
+        if isinstance(self.sock, ssl.SSLSocket):
+            self.sock.do_handshake()  # here, in the connection's own thread, not in accept()
+        while True:
+            try:
+                request = self._read_request()
+            except BadRequest as e:
+                log.debug("bad request", extra={"peer": self.peer[0], "error": str(e)})
+                self._send(None, e.code, f"{e}\n".encode(), "text/plain; charset=utf-8", close=True)
+                return
+            if request is None:
+                return
+            keep = request.keep_alive() and request.method in ("GET", "HEAD")  # other methods: answer, close
+            try:
+                self.dispatch(request, keep)
+            except OSError:
+                raise  # the connection failed: nothing to answer on
+            except Exception:
+                # A bug, not the client's fault: say so, and keep serving others.
+                log.exception("request failed", extra={"peer": self.peer[0], "path": request.target[:200]})
+                self._send(request, 500, b"Internal Server Error\n", "text/plain; charset=utf-8", close=True)
+                return
+            if not keep:
+                return
+
+    def _read_request(self) -> Request | None:
+        """The next request, None when the client closed the connection between requests."""
+        while (end := self._buffer.find(b"\r\n\r\n")) < 0:
+            if len(self._buffer) > MAX_HEAD:
+                raise BadRequest(431, "request head too large")
+            try:
+                chunk = self.sock.recv(65536)
+            except TimeoutError:
+                if self._buffer:
+                    raise BadRequest(408, "request not received in time") from None
+                return None  # an idle keep-alive connection
+            if not chunk:
+                if self._buffer.strip():
+                    raise BadRequest(400, "connection closed in the middle of a request")
+                return None
+            self._buffer = (self._buffer + chunk).lstrip(b"\r\n")  # blank lines before a request are allowed
+        if end > MAX_HEAD:
+            raise BadRequest(431, "request head too large")
+        request = parse_head(self._buffer[:end])
+        self._buffer = self._buffer[end + 4:]
+        if "transfer-encoding" in request.headers:
+            raise BadRequest(400, "request bodies are not accepted")
+        length = request.headers.get("content-length", "0")
+        if not length.isdigit():
+            raise BadRequest(400, "bad Content-Length")
+        if int(length) > MAX_BODY:
+            raise BadRequest(413, "request body too large")
+        while len(self._buffer) < int(length):  # a GET has no use for a body: read it and drop it
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                raise BadRequest(400, "connection closed in the middle of a request body")
+            self._buffer += chunk
+        self._buffer = self._buffer[int(length):]
+        return request
+
+    def dispatch(self, request: Request, keep: bool) -> None:
+        app = self.app
+        close = not keep
+        if request.method not in ("GET", "HEAD"):
+            self._send(request, 405 if request.method in _KNOWN_METHODS else 501,
+                       b"Only GET and HEAD are served\n", "text/plain; charset=utf-8", {"Allow": "GET, HEAD"}, close)
+            return
+        if not app.web.authorized(request.headers.get("authorization")):
+            self._send(request, 401, b"Unauthorized\n", "text/plain; charset=utf-8",
+                       {"WWW-Authenticate": 'Basic realm="nvml-exporter"'}, close)
+            return
+        path = request.path
+        if path == app.telemetry_path:
+            snap = app.collect(app.scrape_deadline(request.headers.get("x-prometheus-scrape-timeout-seconds")))
+            self._send(request, 200, render_chunks(snap, app.build), CONTENT_TYPE, close=close)
+        elif path == "/":
+            self._send(request, 200, app.landing_page(), "text/html; charset=utf-8", close=close)
+        elif path == "/-/healthy":
+            self._send(request, 200, b"OK\n", "text/plain; charset=utf-8", close=close)
+        elif path == "/-/ready":
+            if app.ready():
+                self._send(request, 200, b"OK\n", "text/plain; charset=utf-8", close=close)
+            else:
+                self._send(request, 503, b"NVML has not been initialised yet\n", "text/plain; charset=utf-8",
+                           close=close)
+        else:
+            self._send(request, 404, b"Not Found\n", "text/plain; charset=utf-8", close=close)
+        if log.isEnabledFor(logging.DEBUG):  # every scrape passes here: format only what is logged
+            log.debug("request", extra={"peer": self.peer[0], "method": request.method, "path": path[:200]})
+
+    def _send(self, request: Request | None, code: int, body: bytes | list[bytes], content_type: str,
+              extra: dict[str, str] | None = None, close: bool = False) -> None:
         chunks = [body] if isinstance(body, bytes) else body
         size = sum(map(len, chunks))
-        if size > 1024 and "gzip" in self.headers.get("Accept-Encoding", ""):
+        headers = dict(self.app.web.headers)
+        headers.update(extra or {})
+        if request is not None and size > 1024 and "gzip" in request.headers.get("accept-encoding", ""):
             chunks = [gzip.compress(b"".join(chunks), compresslevel=1)]
             size = len(chunks[0])
             headers["Content-Encoding"] = "gzip"
-        self.send_response(code)
-        self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(size))
-        for k, v in headers.items():
-            self.send_header(k, v)
-        self._headers_buffer.append(b"\r\n")  # what end_headers() adds before flushing
-        if self.command == "HEAD":
+        now = time.time()
+        if int(now) != self._date[0]:
+            self._date = (int(now), _date(now))
+        head = [f"HTTP/1.1 {code} {_REASONS[code]}\r\n"
+                f"Server: {self.server_header}\r\nDate: {self._date[1]}\r\n"
+                f"Content-Type: {content_type}\r\nContent-Length: {size}\r\n"]
+        head += [f"{k}: {v}\r\n" for k, v in headers.items()]
+        if close:
+            head.append("Connection: close\r\n")
+        elif request is not None and request.version == "HTTP/1.0":
+            head.append("Connection: keep-alive\r\n")
+        head.append("\r\n")
+        data = "".join(head).encode("latin-1")
+        if request is not None and request.method == "HEAD":
             chunks = []
-        if isinstance(self.connection, ssl.SSLSocket):  # TLS has no scatter-gather send
-            self.connection.sendall(b"".join([*self._headers_buffer, *chunks]))
+        if isinstance(self.sock, ssl.SSLSocket):  # TLS has no scatter-gather send
+            self.sock.sendall(b"".join([data, *chunks]))
         else:
-            _send_chunks(self.connection, [*self._headers_buffer, *chunks])
-        self._headers_buffer = []
+            _send_chunks(self.sock, [data, *chunks])
 
-    def do_GET(self) -> None:
-        app = self.server.app
-        if not app.web.authorized(self.headers.get("Authorization")):
-            self._send(401, b"Unauthorized\n", "text/plain; charset=utf-8",
-                       {"WWW-Authenticate": 'Basic realm="nvml-exporter"'})
-            return
-        path = urlsplit(self.path).path
-        if path == app.telemetry_path:
-            snap = app.collect(app.scrape_deadline(self.headers.get("X-Prometheus-Scrape-Timeout-Seconds")))
-            self._send(200, render_chunks(snap, app.build), CONTENT_TYPE)
-        elif path == "/":
-            self._send(200, app.landing_page(), "text/html; charset=utf-8")
-        elif path == "/-/healthy":
-            self._send(200, b"OK\n", "text/plain; charset=utf-8")
-        elif path == "/-/ready":
-            if app.ready():
-                self._send(200, b"OK\n", "text/plain; charset=utf-8")
-            else:
-                self._send(503, b"NVML has not been initialised yet\n", "text/plain; charset=utf-8")
-        else:
-            self._send(404, b"Not Found\n", "text/plain; charset=utf-8")
 
-    do_HEAD = do_GET
+_KNOWN_METHODS = frozenset({"POST", "PUT", "DELETE", "PATCH", "OPTIONS", "CONNECT", "TRACE"})
 
 
 _IOV_MAX = 1024  # buffers one sendmsg() may take (Linux)
@@ -193,26 +324,23 @@ class _Threads:
                         return
 
 
-class Server(ThreadingHTTPServer):
-    daemon_threads = True
+class Server(socketserver.TCPServer):
     allow_reuse_address = True
-
-    def process_request(self, request: Any, client_address: Any) -> None:
-        self._connections.submit(request, client_address)
+    request_queue_size = 128  # a fleet's Prometheus pair and a few curls; more wait in the kernel
 
     def __init__(self, address: tuple[str, int], app: App, sock: socket.socket | None = None):
         host = address[0]
         self.address_family = socket.AF_INET6 if ":" in host or host == "" else socket.AF_INET
         self.app = app
-        self._connections = _Threads(self.process_request_thread)
+        self._connections = _Threads(self._serve_connection)
         if host == "":
             address = ("::", address[1])
         if sock is None:
-            super().__init__(address, Handler)
+            super().__init__(address, socketserver.BaseRequestHandler)
             return
         # socket activation: systemd already bound and listens on it
         self.address_family = sock.family
-        super().__init__(sock.getsockname()[:2], Handler, bind_and_activate=False)
+        super().__init__(sock.getsockname()[:2], socketserver.BaseRequestHandler, bind_and_activate=False)
         self.socket.close()
         self.socket = sock
         self.server_address = sock.getsockname()
@@ -229,3 +357,13 @@ class Server(ThreadingHTTPServer):
             sock = ctx.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
         return sock, addr
 
+    def process_request(self, request: Any, client_address: Any) -> None:
+        self._connections.submit(request, client_address)
+
+    def _serve_connection(self, sock: socket.socket, peer: Any) -> None:
+        try:
+            Connection(sock, peer, self.app).serve()
+        except OSError as e:  # reset, timed out, TLS handshake refused: the client's business
+            log.debug("connection closed", extra={"peer": peer[0], "error": str(e)})
+        finally:
+            self.shutdown_request(sock)
