@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import gc
 import logging
 import re
 import signal
@@ -125,6 +126,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
     collector.start()
+    threading.Thread(target=_freeze_startup_objects, args=(collector,), name="gc-freeze", daemon=True).start()
     log.info("listening", extra={"address": f"{host or '*'}:{server.server_address[1]}",
                                   "tls": web.ssl_context is not None, "version": __version__,
                                   "socket_activated": activated is not None})
@@ -154,6 +156,14 @@ def _one_malloc_arena() -> None:
 
 
 _M_ARENA_MAX = -8  # malloc.h
+
+
+def _freeze_startup_objects(collector: Collector) -> None:
+    """Once the GPUs are attached, move every object made so far (modules, catalogs, handles, label
+    caches) out of the garbage collector's sight: a full collection then walks only what scrapes
+    made, instead of the ~100,000 objects of a started interpreter (a tenth of a scrape's CPU)."""
+    if collector.initialised.wait(timeout=600):
+        gc.freeze()
 
 
 def _systemd(collector: Collector, timeout: float) -> sdnotify.Watchdog | None:
