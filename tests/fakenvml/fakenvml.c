@@ -22,6 +22,9 @@
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
+#include <libgen.h>
+#include <poll.h>
+#include <sys/inotify.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
 #include <time.h>
@@ -1045,6 +1048,26 @@ static int next_event(nvmlEventSet_t set, nvmlEventData_t *data) {
   fclose(f);
   return found;
 }
+/* An inotify descriptor watching the directories of the state and events files (called unlocked),
+ * or -1 where inotify is not available: the wait then polls every 5 ms. */
+static int watch_files(void) {
+  int fd = inotify_init1(IN_CLOEXEC | IN_NONBLOCK);
+  if (fd < 0) return -1;
+  char buf[4096], copy[4096];
+  const char *state = getenv("FAKE_NVML_STATE");
+  const char *paths[2] = { state ? state : "", events_path(buf, sizeof buf) };
+  int watched = 0;
+  for (int i = 0; i < 2; i++) {
+    if (!*paths[i]) continue;
+    snprintf(copy, sizeof copy, "%s", paths[i]);
+    if (inotify_add_watch(fd, dirname(copy), IN_CLOSE_WRITE | IN_MOVED_TO | IN_MODIFY | IN_CREATE) >= 0) watched++;
+  }
+  if (!watched) { close(fd); return -1; }
+  return fd;
+}
+
+/* Like the driver, a waiting thread costs nothing until an event arrives or the timeout passes: it
+ * sleeps on inotify for changes to the state or events file, re-checking at least every 100 ms. */
 static nvmlReturn_t event_wait(int sym, nvmlEventSet_t set, nvmlEventData_t *data, unsigned timeout_ms) {
   long lat_ = 0;
   nvmlReturn_t rc = enter(sym, &lat_);
@@ -1052,20 +1075,35 @@ static nvmlReturn_t event_wait(int sym, nvmlEventSet_t set, nvmlEventData_t *dat
   if (!set || set->magic != SET_MAGIC || !data) return leave(E_INVALID_ARGUMENT, lat_, -1);
   struct timespec start, now;
   clock_gettime(CLOCK_MONOTONIC, &start);
+  pthread_mutex_unlock(&lock);
+  int watch = watch_files();  /* before the first check, so that no change between the two is missed */
+  pthread_mutex_lock(&lock);
   for (;;) {
-    if (next_event(set, data)) return leave(OK, lat_, -1);
+    reload(0);
+    if (next_event(set, data)) { rc = OK; break; }
+    int lost = 0;
     for (int i = 0; i < gpu_count(); i++)
-      if (set->mask[i] && is_lost(i)) return leave(E_GPU_IS_LOST, lat_, -1);
-    pthread_mutex_unlock(&lock);
+      if (set->mask[i] && is_lost(i)) lost = 1;
+    if (lost) { rc = E_GPU_IS_LOST; break; }
     clock_gettime(CLOCK_MONOTONIC, &now);
     long elapsed_ms = (now.tv_sec - start.tv_sec) * 1000 + (now.tv_nsec - start.tv_nsec) / 1000000;
-    if (elapsed_ms >= (long)timeout_ms) { pthread_mutex_lock(&lock); return leave(E_TIMEOUT, lat_, -1); }
-    long slice = (long)timeout_ms - elapsed_ms < 5 ? (long)timeout_ms - elapsed_ms : 5;
-    struct timespec ts = { 0, slice * 1000000 };
-    nanosleep(&ts, NULL);
+    if (elapsed_ms >= (long)timeout_ms) { rc = E_TIMEOUT; break; }
+    long left = (long)timeout_ms - elapsed_ms;
+    pthread_mutex_unlock(&lock);
+    if (watch >= 0) {
+      struct pollfd pfd = { watch, POLLIN, 0 };
+      if (poll(&pfd, 1, (int)(left < 100 ? left : 100)) > 0) {
+        char drain[4096];
+        while (read(watch, drain, sizeof drain) > 0) {}
+      }
+    } else {
+      struct timespec ts = { 0, (left < 5 ? left : 5) * 1000000 };
+      nanosleep(&ts, NULL);
+    }
     pthread_mutex_lock(&lock);
-    reload(0);
   }
+  if (watch >= 0) close(watch);
+  return leave(rc, lat_, -1);
 }
 EXPORT nvmlReturn_t nvmlEventSetWait_v2(nvmlEventSet_t set, nvmlEventData_t *data, unsigned timeout_ms) {
   return event_wait(S_nvmlEventSetWait_v2, set, data, timeout_ms);
