@@ -48,7 +48,7 @@ class _Worker:
     returns must not keep the process from exiting on SIGTERM."""
 
     def __init__(self, name: str):
-        self._queue: queue.SimpleQueue[tuple[Future[None], Callable[[], None]] | None] = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[tuple[Future[None] | None, Callable[[], None]] | None] = queue.SimpleQueue()
         threading.Thread(target=self._run, name=name, daemon=True).start()
 
     def submit(self, fn: Callable[[], None]) -> Future[None]:
@@ -56,12 +56,19 @@ class _Worker:
         self._queue.put((future, fn))
         return future
 
+    def post(self, fn: Callable[[], None]) -> None:
+        """Run fn with nothing to wait on: fn says itself when it is done (and catches its errors)."""
+        self._queue.put((None, fn))
+
     def shutdown(self) -> None:
         self._queue.put(None)
 
     def _run(self) -> None:
         while (item := self._queue.get()) is not None:
             future, fn = item
+            if future is None:
+                fn()
+                continue
             if not future.set_running_or_notify_cancel():
                 continue
             try:
@@ -99,6 +106,49 @@ def sweepable(reader: GpuReader | None) -> bool:
     return reader is not None and reader.fastest_call < FAST_CALL and reader.field_seconds < SLOW_FIELDS
 
 
+class _Sweep:
+    """One pass of the sweep thread over the fast GPUs, in order. The collection can take back the GPUs
+    it has not started yet; `finished` is held until the pass ends (a plain lock: this hand-off happens
+    every scrape, and a Future per GPU cost more than reading a GPU)."""
+
+    def __init__(self, gpus: list[_Gpu]):
+        self._todo = gpus[::-1]  # popped from the end
+        self._lock = threading.Lock()
+        self.current: _Gpu | None = None
+        self.error: BaseException | None = None
+        self.finished = threading.Lock()
+        self.finished.acquire()
+
+    def run(self, read: Callable[[_Gpu], None]) -> None:
+        try:
+            while True:
+                with self._lock:
+                    if not self._todo:
+                        break
+                    self.current = self._todo.pop()
+                read(self.current)
+        except BaseException as e:  # handed to the collection, which re-raises it
+            self.error = e
+        finally:
+            self.current = None
+            self.finished.release()
+
+    def take_back(self) -> list[_Gpu]:
+        with self._lock:
+            rest, self._todo = self._todo[::-1], []
+        return rest
+
+    def wait(self, timeout: float) -> bool:
+        if self.finished.acquire(timeout=max(0.0, timeout)):
+            self.finished.release()
+            return True
+        return False
+
+    @property
+    def done(self) -> bool:
+        return not self.finished.locked()
+
+
 class Collector:
     def __init__(
         self,
@@ -131,8 +181,7 @@ class Collector:
         self._last: Snapshot | None = None
         self._inflight: Future[Snapshot] | None = None
         self._sweeper = _Worker("nvml-sweep")
-        self._sweep: Future[None] = Future()
-        self._sweep.set_result(None)
+        self._sweep: _Sweep | None = None
         self._stop = threading.Event()
         self._manager: threading.Thread | None = None
         self.initialised = threading.Event()  # NVML came up at least once (readiness)
@@ -339,30 +388,36 @@ class Collector:
     def _collect(self, deadline: float) -> Snapshot:
         with self._lock:
             gpus = list(self._gpus)
-        sweep_free = self._sweep.done()  # a sweep still running is stuck in a hung call
-        swept: list[tuple[_Gpu, Future[None]]] = []
+        last_sweep = self._sweep
+        sweep_free = last_sweep is None or last_sweep.done  # a sweep still running is stuck in a hung call
+        swept: list[_Gpu] = []
+        pending: dict[int, Future[None]] = {}  # GPUs read on their own threads
         for gpu in gpus:
-            # A read still queued (behind a stuck sweep) is taken back; one that is running is left alone.
+            if gpu.read_started is not None:
+                continue  # a read still running (hung) is left alone; the GPU is served stale
+            # A read still queued on the GPU's own thread is taken back and queued anew.
             if gpu.inflight is not None and not gpu.inflight.done() and not gpu.inflight.cancel():
                 continue
+            gpu.inflight = None
             if sweep_free and sweepable(gpu.reader):
-                gpu.inflight = Future()
-                swept.append((gpu, gpu.inflight))
+                swept.append(gpu)
             else:
-                gpu.inflight = gpu.worker.submit(functools.partial(self._read_gpu, gpu))
+                gpu.inflight = pending[gpu.index] = gpu.worker.submit(functools.partial(self._read_gpu, gpu))
+        sweep = None
         if swept:
-            self._sweep = self._sweeper.submit(functools.partial(self._read_in_turn, swept))
-        pending = {gpu.index: gpu.inflight for gpu in gpus if gpu.inflight is not None}
-        done, _ = wait(pending.values(), timeout=max(0.0, min(SWEEP_PATIENCE, deadline - self._clock())))
-        if len(done) < len(pending):
-            for gpu, future in swept:  # not started by the sweep yet: each on its own thread now
-                if future.cancel():
-                    gpu.inflight = gpu.worker.submit(functools.partial(self._read_gpu, gpu))
-                    pending[gpu.index] = gpu.inflight
-            done, _ = wait(pending.values(), timeout=max(0.0, deadline - self._clock()))
+            sweep = self._sweep = _Sweep(swept)
+            self._sweeper.post(functools.partial(sweep.run, self._read_gpu))
+            if not sweep.wait(min(SWEEP_PATIENCE, deadline - self._clock())):
+                for gpu in sweep.take_back():  # not started by the sweep yet: each on its own thread now
+                    gpu.inflight = pending[gpu.index] = gpu.worker.submit(functools.partial(self._read_gpu, gpu))
+                sweep.wait(deadline - self._clock())
+        done, _ = wait(pending.values(), timeout=max(0.0, deadline - self._clock())) if pending else (set(), set())
         stale = {index for index, f in pending.items() if f not in done}
+        stale |= {g.index for g in gpus if g.read_started is not None and g.index not in pending}
+        if sweep is not None and sweep.error is not None:
+            raise sweep.error  # surface a bug in a reader rather than serve silently wrong data
         for f in done:
-            f.result()  # surface a bug in a reader rather than serve silently wrong data
+            f.result()
         with self._lock:
             for index in stale:
                 self._timeouts[str(index)] += 1
@@ -373,16 +428,6 @@ class Collector:
         with self._lock:
             self._last = snap
         return snap
-
-    def _read_in_turn(self, gpus: list[tuple[_Gpu, Future[None]]]) -> None:
-        for gpu, future in gpus:
-            if not future.set_running_or_notify_cancel():
-                continue  # taken back by the collection and given to the GPU's own thread
-            try:
-                self._read_gpu(gpu)
-                future.set_result(None)
-            except BaseException as e:  # handed to the collection, which re-raises it
-                future.set_exception(e)
 
     def _snapshot(self, stale: set[int]) -> Snapshot:
         with self._lock:
