@@ -8,14 +8,14 @@ from __future__ import annotations
 
 import math
 import platform
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from functools import lru_cache
 
 from . import __version__
 from .metrics import ALL_METRICS, BY_NAME, Metric
 from .nvml import bindings_version
-from .snapshot import GpuSnapshot, Snapshot
+from .snapshot import GpuIdentity, GpuSnapshot, Snapshot
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -67,19 +67,23 @@ def _labelset(metric: Metric, values: tuple[str, ...]) -> str:
     return "{" + ",".join(f'{n}="{escape(v)}"' for n, v in zip(metric.labels, values, strict=True)) + "}"
 
 
-def _gpu_samples(metric: Metric, gpus: tuple[GpuSnapshot, ...], driver: str) -> Iterator[str]:
+@lru_cache(maxsize=4096)
+def _info_line(identity: GpuIdentity, driver: str) -> bytes:
+    i = identity
+    vals = (i.name, i.pci_bus_id, i.serial, i.vbios_version, i.minor_number, driver)
+    return f"nvidia_gpu_info{{{_gpu_labels(i.index, i.uuid)}{_extra_labels('nvidia_gpu_info', vals)}}} 1\n".encode()
+
+
+@lru_cache(maxsize=8192)
+def _up_line(index: int, uuid: str, up: bool) -> bytes:
+    return f"nvidia_gpu_up{{{_gpu_labels(index, uuid)}}} {1 if up else 0}\n".encode()
+
+
+def _gpu_samples(name: str, gpus: tuple[GpuSnapshot, ...], driver: str) -> bytes:
     """nvidia_gpu_info and nvidia_gpu_up, which come from the GPU's identity, not its values."""
-    name = metric.name
     if name == "nvidia_gpu_info":
-        for g in gpus:
-            i = g.identity
-            if not i.uuid:
-                continue
-            vals = (i.name, i.pci_bus_id, i.serial, i.vbios_version, i.minor_number, driver)
-            yield f"{name}{{{_gpu_labels(i.index, i.uuid)}{_extra_labels(name, vals)}}} 1\n"
-        return
-    for g in gpus:
-        yield f"{name}{{{_gpu_labels(g.identity.index, g.identity.uuid)}}} {1 if g.up else 0}\n"
+        return b"".join([_info_line(g.identity, driver) for g in gpus if g.identity.uuid])
+    return b"".join([_up_line(g.identity.index, g.identity.uuid, g.up) for g in gpus])
 
 
 def _exporter_samples(metric: Metric, snap: Snapshot, build: BuildInfo) -> Iterator[str]:
@@ -115,20 +119,37 @@ def render(snap: Snapshot, build: BuildInfo) -> bytes:
 
 def render_chunks(snap: Snapshot, build: BuildInfo) -> list[bytes]:
     """The page as the pieces it is made of (mostly blocks kept from earlier scrapes), for a server
-    that can send them as they are, without copying them into one page first."""
+    that can send them as they are, without copying them into one page first. This is the hot loop of
+    a scrape: a GPU's lines of a family are re-rendered only when that family's values changed."""
     out: list[bytes] = []
-    driver = snap.state.driver_version
+    append = out.append
+    gpus = snap.gpus
+    blocks = [_blocks_of(g.identity) for g in gpus]
     for metric in ALL_METRICS:
+        name = metric.name
+        if name in _SPECIAL:
+            if metric.per_gpu:
+                text = _gpu_samples(name, gpus, snap.state.driver_version)
+            else:
+                text = "".join(_exporter_samples(metric, snap, build)).encode()
+            if text:
+                append(_header(metric))
+                append(text)
+            continue
         header = len(out)
-        out.append(b"")  # the family's HELP and TYPE, once it has a sample
-        if metric.name not in _SPECIAL:
-            _gpu_values(out, metric.name, snap.gpus)
-        elif metric.per_gpu:
-            out.append("".join(_gpu_samples(metric, snap.gpus, driver)).encode())
-        else:
-            out.append("".join(_exporter_samples(metric, snap, build)).encode())
-        if len(out) > header + 1 and any(out[header + 1:]):
+        append(b"")  # the family's HELP and TYPE, once it has a sample
+        for g, kept in zip(gpus, blocks, strict=True):
+            series = g.values.get(name)
+            if not series:
+                continue
+            block = kept.get(name)
+            if block is None or block[0] != series:  # compared as dicts, in C
+                block = kept[name] = (series, _render_block(name, g.identity, series))
+            append(block[1])
+        if len(out) > header + 1:
             out[header] = _header(metric)
+        else:
+            out.pop()
     return out
 
 
@@ -137,33 +158,26 @@ def _header(metric: Metric) -> bytes:
     return f"# HELP {metric.name} {metric.help}\n# TYPE {metric.name} {metric.type}\n".encode()
 
 
-# A GPU's lines of one family, with the labels and values they were rendered from: most families of a
-# GPU read the same from one scrape to the next (error counters, limits, flags), and are reused whole,
-# already encoded. Bounded: a GPU count times the families, unless GPUs come and go.
-_BLOCKS: dict[tuple[str, int, str], tuple[tuple[tuple[str, ...], ...], tuple[float, ...], bytes]] = {}
-_BLOCKS_MAX = 16384
+# Per GPU (index and uuid), per family: the values a block was rendered from, and the block, encoded.
+# Most families of a GPU read the same from one scrape to the next (error counters, limits, flags) and
+# are reused whole. The values are the snapshot's own mappings, which no stage changes once made.
+_BLOCKS: dict[tuple[int, str], dict[str, tuple[Mapping[tuple[str, ...], float], bytes]]] = {}
+_BLOCKS_MAX = 4096  # GPUs; more means GPUs came and went for a long time: start afresh
 
 
-def _gpu_values(out: list[bytes], name: str, gpus: tuple[GpuSnapshot, ...]) -> None:
-    """The hot loop of a scrape: a family's block per GPU, re-rendered only where a value changed."""
-    append = out.append
-    for g in gpus:
-        series = g.values.get(name)
-        if not series:
-            continue
-        key = (name, g.identity.index, g.identity.uuid)
-        labels, values = tuple(series), tuple(series.values())
-        cached = _BLOCKS.get(key)
-        if cached is not None and cached[1] == values and cached[0] == labels:
-            append(cached[2])
-            continue
-        index, uuid = key[1], key[2]
-        text = "".join([f"{_series(name, index, uuid, lab)}{format_value(v)}\n" for lab, v in series.items()])
+def _blocks_of(identity: GpuIdentity) -> dict[str, tuple[Mapping[tuple[str, ...], float], bytes]]:
+    key = (identity.index, identity.uuid)
+    kept = _BLOCKS.get(key)
+    if kept is None:
         if len(_BLOCKS) >= _BLOCKS_MAX:
             _BLOCKS.clear()
-        block = text.encode()
-        _BLOCKS[key] = (labels, values, block)
-        append(block)
+        kept = _BLOCKS[key] = {}
+    return kept
+
+
+def _render_block(name: str, identity: GpuIdentity, series: Mapping[tuple[str, ...], float]) -> bytes:
+    index, uuid = identity.index, identity.uuid
+    return "".join([f"{_series(name, index, uuid, lab)}{format_value(v)}\n" for lab, v in series.items()]).encode()
 
 
 # Families rendered from the snapshot's state or the GPUs' identities rather than their values.
