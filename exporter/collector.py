@@ -87,9 +87,11 @@ class _Gpu:
     static: Values = field(default_factory=dict)
     slow: Values = field(default_factory=dict)
     slow_at: float = float("-inf")
+    base: Values = field(default_factory=dict)  # static and slow values, merged when the slow tier is read
     last: Values | None = None  # last good values; None while lost
     up: bool = False
-    errors: dict[str, str] = field(default_factory=dict)
+    errors: dict[str, str] = field(default_factory=dict)  # readings that failed in the last read
+    failed: dict[str, str] = field(default_factory=dict)  # those of the read in progress
     duration: float = 0.0
     inflight: Future[None] | None = None
     read_started: float | None = None  # monotonic start of the read in progress
@@ -281,22 +283,18 @@ class Collector:
     def _read_gpu(self, gpu: _Gpu) -> None:
         started = self._clock()
         gpu.read_started = started
-        errors: dict[str, str] = {}
-
-        def sink(function: str, code: int) -> None:
-            errors[function] = error_name(code)
-            self._count_error(function, code)
-
+        gpu.failed = {}  # filled by _reading_failed during this read
         try:
             if gpu.reader is None:
-                self._attach(gpu, sink)
+                self._attach(gpu)
             reader = gpu.reader
             assert reader is not None
             if started - gpu.slow_at >= self._slow_interval:
                 gpu.slow = self._sanitize(reader.read_slow())
                 gpu.slow_at = started
+                gpu.base = {**gpu.static, **gpu.slow}
             fast = self._sanitize(reader.read_fast())
-            values: Values = {**gpu.static, **gpu.slow, **fast}
+            values: Values = {**gpu.base, **fast}
             for name in gpu.slow.keys() & fast.keys():  # a family read in two tiers (ECC: volatile, aggregate)
                 values[name] = {**gpu.slow[name], **fast[name]}
             with self._lock:
@@ -308,21 +306,25 @@ class Collector:
                 gpu.reader, gpu.last, gpu.up = None, None, False
         except NvmlError as e:
             # The handle could not be had at all (not found, no permission): the GPU is down, not lost.
-            sink(e.function, e.code)
+            self._reading_failed(gpu, e.function, e.code)
             with self._lock:
                 gpu.reader, gpu.last, gpu.up = None, None, False
         finally:
             with self._lock:
-                gpu.errors = errors
+                gpu.errors = gpu.failed
                 gpu.duration = self._clock() - started
                 gpu.read_started = None
 
-    def _attach(self, gpu: _Gpu, sink: Callable[[str, int], None]) -> None:
+    def _reading_failed(self, gpu: _Gpu, function: str, code: int) -> None:
+        gpu.failed[function] = error_name(code)
+        self._count_error(function, code)
+
+    def _attach(self, gpu: _Gpu) -> None:
         """Get a handle (by UUID once we know it, so a GPU that returns is the same board) and read
         what does not change."""
         uuid = gpu.identity.uuid
         handle = self._lib.handle_by_uuid(uuid) if uuid else self._lib.handle_by_index(gpu.index)
-        reader = GpuReader(handle, sink)
+        reader = GpuReader(handle, functools.partial(self._reading_failed, gpu))
         identity = reader.read_identity()
         if identity.index < 0:
             identity = GpuIdentity(**{**identity.__dict__, "index": gpu.index})

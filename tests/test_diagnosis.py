@@ -185,3 +185,26 @@ def test_healthy_eight_gpu_node_through_the_real_collector(tmp_path: Path, monke
         assert g.diagnosis is not None
         assert [(c.name, c.status) for c in g.diagnosis.checks if c.status != "ok"] == []
         assert g.diagnosis.action == "none"
+
+
+def test_each_collection_reports_the_readings_that_failed_in_it(tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    fake = FakeNvml(tmp_path / "nvml", h100_node(2))
+    monkeypatch.setenv("FAKE_NVML_STATE", str(fake.state_path))
+    ctypes.CDLL(str(LIBRARY), mode=ctypes.RTLD_GLOBAL)
+    collector = Collector(Library(str(LIBRARY)), min_interval=0.0, journal=False, events=False)
+    collector.start()
+    try:
+        assert collector.initialised.wait(10)
+        assert [g.errors for g in collector.collect(5.0).gpus] == [{}, {}]
+        fake.set({"gpu.1.temp": "e:10"})  # a timeout: transient, so asked again next time
+        snap = collector.collect(5.0)
+        assert [g.errors for g in snap.gpus] == [{}, {"nvmlDeviceGetTemperature": "timeout"}]
+        assert snap.gpus[1].value("nvidia_gpu_temperature_celsius") is None
+        fake.set({"gpu.1.temp": 55})
+        snap = collector.collect(5.0)
+        assert [g.errors for g in snap.gpus] == [{}, {}]
+        assert snap.gpus[1].value("nvidia_gpu_temperature_celsius") == 55
+        assert snap.state.nvml_errors[("nvmlDeviceGetTemperature", "timeout")] == 1
+    finally:
+        collector.stop()
