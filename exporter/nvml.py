@@ -162,29 +162,28 @@ class FieldBatch:
         self._pattern: list[int] = []
         self._suspects: set[Field] = set()  # answered NOT_SUPPORTED once: dropped if they say it again
         self._plan: list[tuple[str, tuple[str, ...], int, int, int]] = []
-        self._whole: list[tuple[str, tuple[tuple[str, ...], ...], Callable[[list[int]], tuple[int, ...]]]] = []
+        # (metric, labels, the entries' raw words, whether only the low 32 bits are the value)
+        self._whole: list[tuple[str, tuple[tuple[str, ...], ...], Callable[[list[int]], tuple[int, ...]], bool]] = []
         self._count = ctypes.c_int32(len(fields))
         self._ref = ctypes.byref(self._array)
+        self._handle: Any = None  # the handle self._get was built for
+        self._get: Callable[[], None] = lambda: None
 
     def read(self, handle: Any, call: Callable[..., Any], values: Values) -> None:
         if not self.fields:
             return
-        fn = pynvml._nvmlGetFunctionPointer("nvmlDeviceGetFieldValues")
-        count, ref = self._count, self._ref
-
-        def get() -> None:
-            ret = fn(handle, count, ref)
-            if ret != pynvml.NVML_SUCCESS:
-                raise pynvml.NVMLError(ret)
-
-        if call("nvmlDeviceGetFieldValues", get) is _FAILED:
+        if handle is not self._handle:
+            self._handle, self._get = handle, self._getter(handle)
+        if call("nvmlDeviceGetFieldValues", self._get) is _FAILED:
             return
         codes = self._codes.tolist()
         self.driver_us = sum(self._latencies.tolist())  # (a driver that does not say leaves 0)
         unsupported = self._replan(codes) if codes != self._pattern else []
         raws = self._raws.tolist()
-        for metric, labels, pick in self._whole:  # whole-word counters, most entries: a family at a time, in C
-            values.setdefault(metric, {}).update(zip(labels, map(float, pick(raws)), strict=True))
+        for metric, labels, pick, low32 in self._whole:  # whole families of counters at a time, in C
+            got = pick(raws)
+            values.setdefault(metric, {}).update(zip(labels, map(float, map(_LOW32, got) if low32 else got),
+                                                     strict=True))
         for metric, labels, kind, divisor, i in self._plan:
             v = float(raws[i]) if kind == _RAW else _decode(kind, raws[i])
             values.setdefault(metric, {})[labels] = v / divisor if divisor != 1 else v
@@ -193,11 +192,22 @@ class FieldBatch:
             self._set([f for f in self.fields if f not in unsupported])
             self._suspects = suspects
 
+    def _getter(self, handle: Any) -> Callable[[], None]:
+        fn = pynvml._nvmlGetFunctionPointer("nvmlDeviceGetFieldValues")
+        count, ref = self._count, self._ref
+
+        def get() -> None:
+            ret = fn(handle, count, ref)
+            if ret != pynvml.NVML_SUCCESS:
+                raise pynvml.NVMLError(ret)
+
+        return get
+
     def _replan(self, codes: list[int]) -> list[Field]:
         """Plan the decoding for this pattern of types and return codes; return the entries the board
         does not support, to be dropped."""
         plan: list[tuple[str, tuple[str, ...], int, int, int]] = []
-        whole: dict[str, list[tuple[tuple[str, ...], int]]] = {}
+        whole: dict[tuple[str, bool], list[tuple[tuple[str, ...], int]]] = {}
         unsupported: list[Field] = []
         suspects: list[Field] = []
         for i, (code, f) in enumerate(zip(codes, self.fields, strict=True)):
@@ -209,12 +219,12 @@ class FieldBatch:
             # NVML may leave ECC fields typed DOUBLE though they hold an integer (DCGM's "WAR for bug 2032468").
             kind = _RAW if f.field_id in ECC_FIELD_IDS or vtype in _WHOLE_WORD_TYPES else vtype
             divisor = round(1 / f.scale) if f.scale < 1 else 1
-            if kind == _RAW and divisor == 1:
-                whole.setdefault(f.metric, []).append((f.labels, i))
+            if kind in (_RAW, pynvml.NVML_VALUE_TYPE_UNSIGNED_INT) and divisor == 1:
+                whole.setdefault((f.metric, kind != _RAW), []).append((f.labels, i))
             else:
                 plan.append((f.metric, f.labels, kind, divisor, i))
-        self._whole = [(metric, tuple(lab for lab, _ in group), _picker([i for _, i in group]))
-                       for metric, group in whole.items()]
+        self._whole = [(metric, tuple(lab for lab, _ in group), _picker([i for _, i in group]), low32)
+                       for (metric, low32), group in whole.items()]
         self._plan = plan
         self._suspects = set(suspects)
         self._pattern = [] if suspects else codes  # plan again next time, to see whether they repeat it
@@ -240,6 +250,7 @@ assert ctypes.sizeof(pynvml.c_nvmlFieldValue_t) == 40
 
 
 _RAW = -1  # the 8 bytes are the value: unsigned long (long) types, ECC counters
+_LOW32 = (0xFFFFFFFF).__and__  # an unsigned int's value: the union's low 4 bytes, whatever the others hold
 _WHOLE_WORD_TYPES = frozenset({pynvml.NVML_VALUE_TYPE_UNSIGNED_LONG, pynvml.NVML_VALUE_TYPE_UNSIGNED_LONG_LONG})
 
 
