@@ -180,24 +180,25 @@ def _rate_findings(g: GpuSnapshot, prev: GpuSnapshot | None, seconds: float) -> 
 
 
 def _link_errors(g: GpuSnapshot) -> tuple[float, float]:
-    """(replay + recovery, crc_flit + crc_data) over all links, in one pass over the per-link series.
-    A collection's totals serve twice (now, and as the previous collection next time), so the last two
-    per GPU are remembered, by the series' identity (holding the series, so it cannot be reused)."""
-    series = g.values.get("nvidia_gpu_nvlink_errors_total", {})
+    """(replay + recovery, crc_flit + crc_data) over all links. A collection's totals serve twice (now,
+    and as the previous collection next time), and NVLink counters rarely move: the last two per GPU
+    are remembered with their series (held, so that an identity cannot be reused), and series equal to
+    a remembered one (compared in C) reuse its totals."""
+    series = g.values.get("nvidia_gpu_nvlink_errors_total", _NONE)
     known = _LINK_TOTALS.get(g.identity.uuid, ())
     for seen, totals in known:
         if seen is series:
             return totals
-    faults = crc = 0.0
-    for (_, kind), v in series.items():
-        if kind in ("replay", "recovery"):
-            faults += v
-        else:
-            crc += v
-    _LINK_TOTALS[g.identity.uuid] = ((series, (faults, crc)), *known[:1])
-    return faults, crc
+    totals = next((t for seen, t in known if seen == series), None)
+    if totals is None:
+        faults = float(sum(map(series.get, _FAULT_KEYS, _ZEROS)))
+        totals = (faults, sum(series.values()) - faults)
+    _LINK_TOTALS[g.identity.uuid] = ((series, totals), *known[:1])
+    return totals
 
 
+_FAULT_KEYS = tuple((str(link), kind) for link in range(64) for kind in ("replay", "recovery"))
+_ZEROS = (0.0,) * len(_FAULT_KEYS)
 _LINK_TOTALS: dict[str, tuple[tuple[Mapping[tuple[str, ...], float], tuple[float, float]], ...]] = {}
 
 
