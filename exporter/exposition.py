@@ -67,11 +67,16 @@ def _labelset(metric: Metric, values: tuple[str, ...]) -> str:
     return "{" + ",".join(f'{n}="{escape(v)}"' for n, v in zip(metric.labels, values, strict=True)) + "}"
 
 
-@lru_cache(maxsize=4096)
-def _info_line(identity: GpuIdentity, driver: str) -> bytes:
-    i = identity
-    vals = (i.name, i.pci_bus_id, i.serial, i.vbios_version, i.minor_number, driver)
-    return f"nvidia_gpu_info{{{_gpu_labels(i.index, i.uuid)}{_extra_labels('nvidia_gpu_info', vals)}}} 1\n".encode()
+def _info_line(i: GpuIdentity, driver: str) -> bytes:
+    kept = _INFO.get(i.index)
+    if kept is None or kept[0] is not i or kept[1] != driver:  # (hashing the identity cost more than this)
+        vals = (i.name, i.pci_bus_id, i.serial, i.vbios_version, i.minor_number, driver)
+        line = f"nvidia_gpu_info{{{_gpu_labels(i.index, i.uuid)}{_extra_labels('nvidia_gpu_info', vals)}}} 1\n"
+        kept = _INFO[i.index] = (i, driver, line.encode())
+    return kept[2]
+
+
+_INFO: dict[int, tuple[GpuIdentity, str, bytes]] = {}  # GPU index -> the identity and driver of its line
 
 
 @lru_cache(maxsize=8192)

@@ -276,15 +276,15 @@ _IOV_MAX = 1024  # buffers one sendmsg() may take (Linux)
 def _send_chunks(sock: socket.socket, chunks: list[bytes]) -> None:
     """sendall() for a list of buffers: the headers and a page's blocks go out as they are, with a few
     system calls and no copy of the page (at 64 GPUs a page is a megabyte, made anew every scrape)."""
-    views = [memoryview(c) for c in chunks if c]
+    pending: list[bytes | memoryview] = [c for c in chunks if c]
     first = 0
-    while first < len(views):
-        sent = sock.sendmsg(views[first:first + _IOV_MAX])
-        while sent and sent >= len(views[first]):
-            sent -= len(views[first])
+    while first < len(pending):
+        sent = sock.sendmsg(pending[first:first + _IOV_MAX])
+        while sent and sent >= len(pending[first]):
+            sent -= len(pending[first])
             first += 1
-        if sent:
-            views[first] = views[first][sent:]
+        if sent:  # the socket took part of a buffer: the rest goes next
+            pending[first] = memoryview(pending[first])[sent:]
 
 
 class _Threads:
