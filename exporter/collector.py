@@ -350,10 +350,11 @@ class Collector:
                     continue  # the usual case, checked in C
             bad = [labels for labels, v in series.items() if not low <= v <= high]
             for labels in bad:
-                del series[labels]
                 with self._lock:
                     self._invalid[name] += 1
                 log.warning("dropped impossible reading", extra={"metric": name, "labels": labels})
+            # a new mapping: the reader may hand out the same one again while its raw values stay the same
+            values[name] = {labels: v for labels, v in series.items() if low <= v <= high}
         return {k: v for k, v in values.items() if v}
 
     # -- collections -----------------------------------------------------------------------------

@@ -13,6 +13,7 @@ import functools
 import operator
 import struct
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -162,8 +163,13 @@ class FieldBatch:
         self._pattern: list[int] = []
         self._suspects: set[Field] = set()  # answered NOT_SUPPORTED once: dropped if they say it again
         self._plan: list[tuple[str, tuple[str, ...], int, int, int]] = []
-        # (metric, labels, the entries' raw words, whether only the low 32 bits are the value)
-        self._whole: list[tuple[str, tuple[tuple[str, ...], ...], Callable[[list[int]], tuple[int, ...]], bool]] = []
+        # (metric, labels, the entries' raw words, whether only the low 32 bits are the value, whether the
+        # family is this group alone)
+        self._whole: list[tuple[str, tuple[tuple[str, ...], ...], Callable[[list[int]], tuple[int, ...]], bool,
+                                bool]] = []
+        # A sole group's last words and the mapping made from them, handed out again while the words stay
+        # the same (NVLink counters, mostly): no stage changes a reading's mapping once it is made.
+        self._kept: dict[str, tuple[tuple[int, ...], dict[tuple[str, ...], float]]] = {}
         self._count = ctypes.c_int32(len(fields))
         self._ref = ctypes.byref(self._array)
         self._handle: Any = None  # the handle self._get was built for
@@ -180,10 +186,20 @@ class FieldBatch:
         self.driver_us = sum(self._latencies.tolist())  # (a driver that does not say leaves 0)
         unsupported = self._replan(codes) if codes != self._pattern else []
         raws = self._raws.tolist()
-        for metric, labels, pick, low32 in self._whole:  # whole families of counters at a time, in C
+        kept = self._kept
+        for metric, labels, pick, low32, sole in self._whole:  # whole families of counters at a time, in C
             got = pick(raws)
-            values.setdefault(metric, {}).update(zip(labels, map(float, map(_LOW32, got) if low32 else got),
-                                                     strict=True))
+            if sole:  # the family is this group alone: unchanged words give the mapping made last time
+                last = kept.get(metric)
+                if last is not None and last[0] == got:
+                    values[metric] = last[1]
+                    continue
+                series = values[metric] = dict(zip(labels, map(float, map(_LOW32, got) if low32 else got),
+                                                   strict=True))
+                kept[metric] = (got, series)
+            else:
+                values.setdefault(metric, {}).update(zip(labels, map(float, map(_LOW32, got) if low32 else got),
+                                                         strict=True))
         for metric, labels, kind, divisor, i in self._plan:
             v = float(raws[i]) if kind == _RAW else _decode(kind, raws[i])
             values.setdefault(metric, {})[labels] = v / divisor if divisor != 1 else v
@@ -223,8 +239,10 @@ class FieldBatch:
                 whole.setdefault((f.metric, kind != _RAW), []).append((f.labels, i))
             else:
                 plan.append((f.metric, f.labels, kind, divisor, i))
-        self._whole = [(metric, tuple(lab for lab, _ in group), _picker([i for _, i in group]), low32)
-                       for (metric, low32), group in whole.items()]
+        groups = Counter([metric for metric, _ in whole] + [metric for metric, *_ in plan])
+        self._whole = [(metric, tuple(lab for lab, _ in group), _picker([i for _, i in group]), low32,
+                        groups[metric] == 1) for (metric, low32), group in whole.items()]
+        self._kept = {}
         self._plan = plan
         self._suspects = set(suspects)
         self._pattern = [] if suspects else codes  # plan again next time, to see whether they repeat it
@@ -384,7 +402,8 @@ class GpuReader:
         return links
 
     def read_slow(self) -> Values:
-        """Readings that change rarely: thresholds, limits, ECC mode and aggregates, retirement, remapping."""
+        """Readings that change rarely: thresholds, limits, persistence and ECC mode, aggregates, retirement,
+        remapping."""
         h = self.handle
         values: Values = {}
         for kind, name in THRESHOLDS:
@@ -392,6 +411,8 @@ class GpuReader:
                       f"nvmlDeviceGetTemperatureThreshold:{kind}", pynvml.nvmlDeviceGetTemperatureThreshold, h, kind)
         self._put(values, "nvidia_gpu_power_default_limit_watts", (), "nvmlDeviceGetPowerManagementDefaultLimit",
                   pynvml.nvmlDeviceGetPowerManagementDefaultLimit, h, scale=1e-3)
+        self._put(values, "nvidia_gpu_persistence_mode", (), "nvmlDeviceGetPersistenceMode",
+                  pynvml.nvmlDeviceGetPersistenceMode, h)
         ecc = self._call("nvmlDeviceGetEccMode", pynvml.nvmlDeviceGetEccMode, h)
         if ecc is not _FAILED:
             values["nvidia_gpu_ecc_enabled"] = {(): float(ecc[0])}
@@ -482,7 +503,6 @@ class _FastGetters:
                    _getter("nvmlDeviceGetClockInfo", handle, clock), 1e6) for clock, name in CLOCKS]
         plain += [(metric, (), symbol, _getter(symbol, handle), 1.0) for metric, symbol in (
             ("nvidia_gpu_performance_state", "nvmlDeviceGetPerformanceState"),
-            ("nvidia_gpu_persistence_mode", "nvmlDeviceGetPersistenceMode"),
             ("nvidia_gpu_pcie_link_generation", "nvmlDeviceGetCurrPcieLinkGeneration"),
             ("nvidia_gpu_pcie_link_width", "nvmlDeviceGetCurrPcieLinkWidth"),
         )]

@@ -82,3 +82,17 @@ def test_what_the_driver_says_a_read_cost(gpu: tuple[FakeNvml, object]) -> None:
     fake.set({"latency_us.field.83": 2800, "latency_us.field.75": 610})
     read(batch, h)
     assert batch.driver_us == 3410
+
+
+def test_unchanged_counters_come_back_as_the_same_mapping_and_changes_show(gpu: tuple[FakeNvml, object]) -> None:
+    fake, h = gpu
+    batch = FieldBatch([*FAST_FIELDS, *nvlink_fields(0), *nvlink_fields(1)], keep_unsupported=lambda f: f.link)
+    first, second = read(batch, h), read(batch, h)
+    assert second["nvidia_gpu_nvlink_errors_total"] is first["nvidia_gpu_nvlink_errors_total"]
+    assert second["nvidia_gpu_nvlink_up"] is first["nvidia_gpu_nvlink_up"]
+    fake.gpu(0, **{"nvlink.1.crc_flit": 12, "nvlink.0.up": 0})
+    third = read(batch, h)
+    assert third["nvidia_gpu_nvlink_errors_total"] is not first["nvidia_gpu_nvlink_errors_total"]
+    assert third["nvidia_gpu_nvlink_errors_total"][("1", "crc_flit")] == 12.0
+    assert first["nvidia_gpu_nvlink_errors_total"][("1", "crc_flit")] == 0.0  # what was handed out stays
+    assert third["nvidia_gpu_nvlink_up"] == {("0",): 0.0, ("1",): 1.0}
