@@ -74,7 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="scrapes this close to the last collection are served from it (default 1s)")
     p.add_argument("--collect.slow-interval", dest="slow_interval", type=duration, default=30.0,
                    metavar="DURATION",
-                   help="refresh of thresholds, limits, ECC aggregates, retired pages and remapped rows (default 30s)")
+                   help="refresh of thresholds, limits, persistence and ECC mode, ECC aggregates, retired pages and "
+                        "remapped rows (default 30s)")
     p.add_argument("--nvml.library", dest="library", metavar="PATH",
                    help="load this libnvidia-ml.so.1 instead of the one the dynamic linker finds")
     p.add_argument("--xid.journal", dest="journal", action=argparse.BooleanOptionalAction, default=True,
