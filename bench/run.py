@@ -8,6 +8,7 @@ within one run, not absolute numbers across runs.
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import platform
@@ -33,7 +34,8 @@ TICK = os.sysconf("SC_CLK_TCK")
 # real H200 (tests/fakenvml/scenario.py H200_LATENCY_US; the energy counter ~2.8 ms, most calls microseconds).
 CASES: list[tuple[int, int | str]] = [(gpus, lat) for gpus in (1, 8, 64) for lat in (0, 200)] + [(1, "h200"),
                                                                                                 (8, "h200")]
-SECONDS_PER_CASE = float(os.environ.get("BENCH_SECONDS", "6"))
+SECONDS_PER_CASE = float(os.environ.get("BENCH_SECONDS", "6"))  # per exporter and case
+ROUNDS = int(os.environ.get("BENCH_ROUNDS", "6"))  # blocks each, in turn
 NVITOP = os.environ.get("NVITOP_EXPORTER", str(REPO / "build" / "bench-venv" / "bin" / "nvitop-exporter"))
 CREF = REPO / "build" / "cref" / "cref"
 
@@ -64,6 +66,8 @@ def get(url: str) -> tuple[float, int]:
 class Server:
     def __init__(self, argv: list[str], fake: FakeNvml, port: int, path: str = "/metrics"):
         self.url = f"http://127.0.0.1:{port}{path}"
+        self.port, self.path = port, path
+        self._conn: http.client.HTTPConnection | None = None
         self.proc = subprocess.Popen(argv, env={**os.environ, **fake.env()}, cwd=REPO,
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 60
@@ -76,12 +80,37 @@ class Server:
                 time.sleep(0.1)
         raise RuntimeError(f"{argv} did not come up")
 
+    def scrape(self) -> tuple[float, int]:
+        """One scrape as Prometheus makes it: over the connection of the last one, if the server kept it
+        open (HTTP/1.1), else over a new one. Returns (seconds, bytes)."""
+        t0 = time.perf_counter()
+        for attempt in range(2):
+            if self._conn is None:
+                self._conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=120)
+            try:
+                self._conn.request("GET", self.path)
+                r = self._conn.getresponse()
+                n = len(r.read())
+                if r.will_close:
+                    self._conn.close()
+                    self._conn = None
+                return time.perf_counter() - t0, n
+            except (http.client.HTTPException, ConnectionError):
+                self._conn.close()
+                self._conn = None
+                if attempt:
+                    raise
+                t0 = time.perf_counter()  # the server had closed an idle connection: time the retry only
+        raise AssertionError("unreachable")
+
     def stop(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
         self.proc.terminate()
         self.proc.wait(timeout=30)
 
 
-def ours(fake: FakeNvml, min_interval: str = "1ms") -> Server:
+def ours(fake: FakeNvml, min_interval: str = "0.000001") -> Server:  # every scrape collects
     port = free_port()
     return Server([sys.executable, "-m", "nvml_exporter", f"--web.listen-address=127.0.0.1:{port}",
                    f"--collect.min-interval={min_interval}", "--collect.timeout=60s", "--no-xid.journal",
@@ -93,20 +122,41 @@ def naive(fake: FakeNvml) -> Server:
     return Server([sys.executable, str(HERE / "naive_exporter.py"), str(port)], fake, port)
 
 
-def scrape_loop(server: Server, fake: FakeNvml, seconds: float, max_n: int = 2000) -> dict[str, float]:
-    for _ in range(3):
-        get(server.url)
-    c0, n0, t0 = cpu_seconds(server.proc.pid), calls(fake), time.monotonic()
-    latencies, sizes = [], []
-    while (time.monotonic() - t0 < seconds or len(latencies) < 3) and len(latencies) < max_n:
-        dt, size = get(server.url)
-        latencies.append(dt)
-        sizes.append(size)
-    n = len(latencies)
-    latencies.sort()
-    return {"scrapes": n, "cpu_ms": (cpu_seconds(server.proc.pid) - c0) * 1e3 / n,
-            "p50_ms": latencies[n // 2] * 1e3, "p99_ms": latencies[min(n - 1, int(n * 0.99))] * 1e3,
-            "nvml_calls": (calls(fake) - n0) / n, "bytes": statistics.mean(sizes)}
+def paired_loops(servers: dict[str, Server], fake: FakeNvml, seconds: float, rounds: int = ROUNDS,
+                 max_n: int = 2000) -> dict[str, dict[str, float]]:
+    """Scrape each server in turn, in `rounds` blocks each, and take each figure's median over the blocks:
+    these machines are shared, and a slow minute then weighs on every exporter alike rather than on
+    whichever was being measured. A server whose scrape takes over a tenth of the budget gets one block."""
+    for server in servers.values():
+        for _ in range(3):
+            server.scrape()
+    blocks: dict[str, list[dict[str, float]]] = {name: [] for name in servers}
+    latencies: dict[str, list[float]] = {name: [] for name in servers}
+    sizes: dict[str, list[int]] = {name: [] for name in servers}
+    slow = {name: server.scrape()[0] > seconds / 10 for name, server in servers.items()}
+    for r in range(rounds):
+        for name, server in servers.items():
+            if slow[name] and r:
+                continue
+            budget = seconds if slow[name] else seconds / rounds
+            c0, n0, t0 = cpu_seconds(server.proc.pid), calls(fake), time.monotonic()
+            n = 0
+            while (time.monotonic() - t0 < budget or n < 3) and n < max_n // rounds:
+                dt, size = server.scrape()
+                latencies[name].append(dt)
+                sizes[name].append(size)
+                n += 1
+            blocks[name].append({"cpu": (cpu_seconds(server.proc.pid) - c0) / n, "calls": (calls(fake) - n0) / n})
+    out = {}
+    for name in servers:
+        lat = sorted(latencies[name])
+        n = len(lat)
+        out[name] = {"scrapes": n, "blocks": len(blocks[name]),
+                     "cpu_ms": statistics.median(b["cpu"] for b in blocks[name]) * 1e3,
+                     "p50_ms": lat[n // 2] * 1e3, "p99_ms": lat[min(n - 1, int(n * 0.99))] * 1e3,
+                     "nvml_calls": statistics.median(b["calls"] for b in blocks[name]),
+                     "bytes": statistics.mean(sizes[name])}
+    return out
 
 
 def nvitop_case(fake: FakeNvml, seconds: float) -> dict[str, float] | None:
@@ -154,7 +204,7 @@ def rss_case(gpus: int, scrapes: int, tmp: Path) -> dict[str, float]:
     try:
         at = {}
         for i in range(1, scrapes + 1):
-            get(server.url)
+            server.scrape()
             if i in (1000, scrapes):
                 at[i] = rss_mib(server.proc.pid)
         return {"gpus": gpus, "rss_mib_at_1000": at[1000], f"rss_mib_at_{scrapes}": at[scrapes],
@@ -203,11 +253,13 @@ def main() -> int:
                 state["latency_us"] = str(lat)
             fake = FakeNvml(tmp / f"g{gpus}l{lat}", state)
             case: dict[str, Any] = {"gpus": gpus, "latency_us": lat}
-            for name, start in (("ours", ours), ("naive", naive)):
-                server = start(fake)
-                try:
-                    case[name] = scrape_loop(server, fake, SECONDS_PER_CASE)
-                finally:
+            servers: dict[str, Server] = {}
+            try:
+                servers["ours"] = ours(fake)
+                servers["naive"] = naive(fake)
+                case.update(paired_loops(servers, fake, SECONDS_PER_CASE))
+            finally:
+                for server in servers.values():
                     server.stop()
             case["nvitop"] = nvitop_case(fake, SECONDS_PER_CASE)
             case["cref"] = cref_case(fake)
