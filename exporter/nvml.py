@@ -325,9 +325,11 @@ class GpuReader:
                 self._fastest = took
             return result
         except pynvml.NVMLError as e:
-            code = e.value
+            return self._failed(key, e.value)
         except (pynvml.NVMLLibraryMismatchError, AttributeError):
-            code = FUNCTION_NOT_FOUND  # the bindings or the driver lack this entry point
+            return self._failed(key, FUNCTION_NOT_FOUND)  # the bindings or the driver lack this entry point
+
+    def _failed(self, key: str, code: int) -> Any:
         function = key.split(":", 1)[0]
         self._on_error(function, code)
         if code in LOST_CODES:
@@ -424,12 +426,30 @@ class GpuReader:
             self._getters = _FastGetters(self.handle, self._fans)
         g = self._getters
         values: Values = {}
-        self._fastest = float("inf")
+        # The one-number getters, called here rather than through _call: ~10 per GPU and scrape, where
+        # two Python frames per call cost more than the driver's answer.
+        unsupported, now, fastest = self._unsupported, time.perf_counter, float("inf")
+        for metric, labels, key, fn, argv, holder, mul, div in g.plain:
+            if key in unsupported:
+                continue
+            if fn is None:
+                self._failed(key, FUNCTION_NOT_FOUND)
+                continue
+            started = now()
+            ret = fn(*argv)
+            took = now() - started
+            if ret:
+                self._failed(key, ret)
+                continue
+            if took < fastest:
+                fastest = took
+            series = values.get(metric)
+            if series is None:
+                values[metric] = {labels: holder.value * mul / div}
+            else:
+                series[labels] = holder.value * mul / div
+        self._fastest = fastest
         call = self._call
-        for metric, labels, key, get, scale in g.plain:
-            v = call(key, get)
-            if v is not _FAILED:
-                values.setdefault(metric, {})[labels] = scaled(v, scale)
         util = call("nvmlDeviceGetUtilizationRates", g.utilization)
         if util is not _FAILED:
             values["nvidia_gpu_utilization_ratio"] = {(): util.gpu / 100}
@@ -485,23 +505,34 @@ def _getter(symbol: str, handle: Any, *args: Any, out: Any = None, after: tuple[
     return get
 
 
+# (metric, labels, key, entry point or None, its arguments, the unsigned int it fills in, multiplier, divisor)
+_Plain = tuple[str, tuple[str, ...], str, Any, tuple[Any, ...], ctypes.c_uint, float, int]
+
+
+def _plain(metric: str, labels: tuple[str, ...], symbol: str, handle: Any, *args: int, scale: float = 1.0) -> _Plain:
+    """A getter of one unsigned int, fn(handle, *args, &out), prebuilt for GpuReader.read_fast: the value
+    is out * multiplier / divisor (a divisor, not a factor below 1, keeps mW -> W exact)."""
+    holder = ctypes.c_uint()
+    key = ":".join([symbol, *map(str, args)])
+    return (metric, labels, key, _symbol(symbol), (handle, *args, ctypes.byref(holder)), holder,
+            scale if scale >= 1 else 1, round(1 / scale) if scale < 1 else 1)
+
+
 class _FastGetters:
     """The fast tier's getters for one GPU handle, built on its first read."""
 
     def __init__(self, handle: Any, fans: int):
-        plain: list[tuple[str, tuple[str, ...], str, Callable[[], Any], float]] = [
-            ("nvidia_gpu_temperature_celsius", (), "nvmlDeviceGetTemperature",
-             _getter("nvmlDeviceGetTemperature", handle, pynvml.NVML_TEMPERATURE_GPU), 1.0),
-            ("nvidia_gpu_power_watts", (), "nvmlDeviceGetPowerUsage",
-             _getter("nvmlDeviceGetPowerUsage", handle), 1e-3),
-            ("nvidia_gpu_power_limit_watts", (), "nvmlDeviceGetEnforcedPowerLimit",
-             _getter("nvmlDeviceGetEnforcedPowerLimit", handle), 1e-3),
+        plain = [
+            _plain("nvidia_gpu_temperature_celsius", (), "nvmlDeviceGetTemperature", handle,
+                   pynvml.NVML_TEMPERATURE_GPU),
+            _plain("nvidia_gpu_power_watts", (), "nvmlDeviceGetPowerUsage", handle, scale=1e-3),
+            _plain("nvidia_gpu_power_limit_watts", (), "nvmlDeviceGetEnforcedPowerLimit", handle, scale=1e-3),
         ]
-        plain += [("nvidia_gpu_fan_speed_ratio", (str(fan),), f"nvmlDeviceGetFanSpeed_v2:{fan}",
-                   _getter("nvmlDeviceGetFanSpeed_v2", handle, fan), 0.01) for fan in range(fans)]
-        plain += [("nvidia_gpu_clock_hertz", (name,), f"nvmlDeviceGetClockInfo:{clock}",
-                   _getter("nvmlDeviceGetClockInfo", handle, clock), 1e6) for clock, name in CLOCKS]
-        plain += [(metric, (), symbol, _getter(symbol, handle), 1.0) for metric, symbol in (
+        plain += [_plain("nvidia_gpu_fan_speed_ratio", (str(fan),), "nvmlDeviceGetFanSpeed_v2", handle, fan, scale=0.01)
+                  for fan in range(fans)]
+        plain += [_plain("nvidia_gpu_clock_hertz", (name,), "nvmlDeviceGetClockInfo", handle, clock, scale=1e6)
+                  for clock, name in CLOCKS]
+        plain += [_plain(metric, (), symbol, handle) for metric, symbol in (
             ("nvidia_gpu_performance_state", "nvmlDeviceGetPerformanceState"),
             ("nvidia_gpu_pcie_link_generation", "nvmlDeviceGetCurrPcieLinkGeneration"),
             ("nvidia_gpu_pcie_link_width", "nvmlDeviceGetCurrPcieLinkWidth"),
