@@ -148,7 +148,7 @@ def render_chunks(snap: Snapshot, build: BuildInfo) -> list[bytes]:
             if not series:
                 continue
             block = kept.get(name)
-            if block is None or block[0] != series:  # compared as dicts, in C
+            if block is None or (block[0] is not series and block[0] != series):  # compared as dicts, in C
                 block = kept[name] = (series, _render_block(name, g.identity, series))
             append(block[1])
         if len(out) > header + 1:
@@ -158,9 +158,11 @@ def render_chunks(snap: Snapshot, build: BuildInfo) -> list[bytes]:
     return out
 
 
-@lru_cache(maxsize=256)
 def _header(metric: Metric) -> bytes:
-    return f"# HELP {metric.name} {metric.help}\n# TYPE {metric.name} {metric.type}\n".encode()
+    return _HEADERS[metric.name]
+
+
+_HEADERS = {m.name: f"# HELP {m.name} {m.help}\n# TYPE {m.name} {m.type}\n".encode() for m in ALL_METRICS}
 
 
 # Per GPU (index and uuid), per family: the values a block was rendered from, and the block, encoded.
