@@ -26,7 +26,7 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 from typing import Any
 
-from .diagnosis import STATUS_VALUE, diagnose
+from .diagnosis import diagnose
 from .events import EventWatcher
 from .journal import JournalFollower, pci_key
 from .metrics import BY_NAME
@@ -500,7 +500,6 @@ class Collector:
             values.setdefault("nvidia_gpu_xid_last_timestamp_seconds", {})[(str(code),)] = last
         for name, count in sorted(self.xids.events(uuid).items()):
             values.setdefault("nvidia_gpu_nvml_events_total", {})[(name,)] = float(count)
-        values["nvidia_gpu_health"] = {(c.name,): float(STATUS_VALUE[c.status]) for c in d.checks}
-        values["nvidia_gpu_recommended_action"] = {(d.action,): 1.0}
+        values.update(d.series)
         return GpuSnapshot(identity=g.identity, up=g.up, values=values, errors=g.errors, stale=g.stale,
                            collect_seconds=g.collect_seconds, diagnosis=d)

@@ -8,6 +8,7 @@ at, the limit, the severity and the action. Thresholds come from NVIDIA's and DC
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
@@ -54,6 +55,13 @@ class Diagnosis:
     @property
     def status(self) -> str:
         return max((c.status for c in self.checks), key=STATUS_VALUE.__getitem__, default="ok")
+
+    @functools.cached_property
+    def series(self) -> dict[str, dict[tuple[str, ...], float]]:
+        """nvidia_gpu_health and nvidia_gpu_recommended_action, made once per diagnosis (a healthy GPU's
+        is the same object every scrape, which exposition then reuses whole)."""
+        return {"nvidia_gpu_health": {(c.name,): float(STATUS_VALUE[c.status]) for c in self.checks},
+                "nvidia_gpu_recommended_action": {(self.action,): 1.0}}
 
 
 def _v(g: GpuSnapshot, metric: str, *labels: str) -> float | None:
@@ -202,9 +210,41 @@ _ZEROS = (0.0,) * len(_FAULT_KEYS)
 _LINK_TOTALS: dict[str, tuple[tuple[Mapping[tuple[str, ...], float], tuple[float, float]], ...]] = {}
 
 
+# Every family SNAPSHOT_RULES read (tests/test_diagnosis.py holds the rules to this list).
+RULE_INPUTS: tuple[str, ...] = (
+    "nvidia_gpu_ecc_errors_total", "nvidia_gpu_remapped_rows", "nvidia_gpu_remapped_rows_failed",
+    "nvidia_gpu_remapped_rows_pending", "nvidia_gpu_retired_pages", "nvidia_gpu_retired_pages_pending",
+    "nvidia_gpu_clock_event_active", "nvidia_gpu_temperature_celsius", "nvidia_gpu_memory_temperature_celsius",
+    "nvidia_gpu_temperature_threshold_celsius", "nvidia_gpu_power_limit_watts", "nvidia_gpu_power_default_limit_watts",
+    "nvidia_gpu_pcie_link_width", "nvidia_gpu_pcie_link_max_width", "nvidia_gpu_pcie_link_generation",
+    "nvidia_gpu_pcie_link_max_generation", "nvidia_gpu_nvlink_up",
+)
+
+
+def _snapshot_findings(g: GpuSnapshot) -> list[Finding]:
+    """SNAPSHOT_RULES over the GPU's values. Their inputs mostly read the same from one scrape to the
+    next: while they compare equal to the last time (in C), the last findings stand."""
+    inputs = tuple(map(g.values.get, RULE_INPUTS))
+    last = _LAST_RULES.get(g.identity.uuid)
+    if last is not None and last[0] == inputs:
+        return last[1]
+    found = []
+    for check, status, action, reason, test in SNAPSHOT_RULES:
+        value = test(g)
+        if value is not None:
+            found.append(Finding(check, status, action, reason.format(v=value)))
+    _LAST_RULES[g.identity.uuid] = (inputs, found)
+    return found
+
+
+_LAST_RULES: dict[str, tuple[tuple[Mapping[tuple[str, ...], float] | None, ...], list[Finding]]] = {}
+
+
 def _xid_findings(history: Iterable[XidEvent], now: float) -> list[Finding]:
-    out = []
+    out: list[Finding] = []
     recent = [e for e in history if now - e.timestamp <= DAY]
+    if not recent:
+        return out
     for e in recent:
         x = lookup(e.code)
         if x.severity in ("warning", "critical") and now - e.timestamp <= SINGLE_XID_WINDOW:
@@ -233,11 +273,8 @@ def diagnose(g: GpuSnapshot, history: Iterable[XidEvent] = (), prev: GpuSnapshot
     elif g.stale:
         findings.append(Finding("availability", "warning", "reset_gpu",
                                 "a driver call on this GPU hung past the deadline"))
-    for check, status, action, reason, test in SNAPSHOT_RULES:
-        value = test(g) if g.up else None
-        if value is not None:
-            findings.append(Finding(check, status, action, reason.format(v=value)))
     if g.up:
+        findings.extend(_snapshot_findings(g))
         findings.extend(_rate_findings(g, prev, seconds))
     findings.extend(_xid_findings(history, now))
     recovery = _v(g, "nvidia_gpu_recovery_action")

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from nvml_exporter.collector import Collector
-from nvml_exporter.diagnosis import CHECKS, SNAPSHOT_RULES, diagnose
+from nvml_exporter.diagnosis import CHECKS, RULE_INPUTS, SNAPSHOT_RULES, diagnose
 from nvml_exporter.nvml import Library
 from nvml_exporter.snapshot import GpuIdentity, GpuSnapshot, Values
 from nvml_exporter.xidstore import XidEvent
@@ -208,3 +208,42 @@ def test_each_collection_reports_the_readings_that_failed_in_it(tmp_path: Path,
         assert snap.state.nvml_errors[("nvmlDeviceGetTemperature", "timeout")] == 1
     finally:
         collector.stop()
+
+
+class _Recording(dict):  # type: ignore[type-arg]
+    """Values that note every family a rule asks for."""
+
+    def __init__(self, values: Values):
+        super().__init__(values)
+        self.asked: set[str] = set()
+
+    def get(self, key, default=None):  # type: ignore[no-untyped-def]
+        self.asked.add(key)
+        return super().get(key, default)
+
+    def __contains__(self, key: object) -> bool:
+        self.asked.add(str(key))
+        return super().__contains__(key)
+
+    def __getitem__(self, key):  # type: ignore[no-untyped-def]
+        self.asked.add(key)
+        return super().__getitem__(key)
+
+
+@pytest.mark.parametrize("values", [healthy(), {}], ids=["healthy", "empty"])
+def test_snapshot_rules_read_only_their_declared_inputs(values: Values) -> None:
+    """The rules' findings are reused while RULE_INPUTS compare equal: a rule reading anything else
+    would go stale, so every family a rule reads must be listed."""
+    recording = _Recording(values)
+    g = gpu(recording)
+    for *_, test in SNAPSHOT_RULES:
+        test(g)
+    assert recording.asked and recording.asked <= set(RULE_INPUTS)
+
+
+def test_findings_follow_a_change_in_any_rule_input() -> None:
+    assert diagnose(gpu(), [], None, 0, NOW).action == "none"
+    hot = changed(nvidia_gpu_temperature_celsius={(): 90.0})
+    assert diagnose(gpu(hot), [], None, 0, NOW).action == "check_cooling"
+    assert diagnose(gpu(changed(nvidia_gpu_temperature_celsius={(): 90.0})), [], None, 0, NOW).action == "check_cooling"
+    assert diagnose(gpu(), [], None, 0, NOW).action == "none"
