@@ -466,9 +466,7 @@ class GpuReader:
             values["nvidia_gpu_memory_reserved_bytes"] = {(): float(mem.reserved)}
         mask = call("nvmlDeviceGetCurrentClocksEventReasons", g.clock_events)
         if mask is not _FAILED:
-            values["nvidia_gpu_clock_event_active"] = {
-                (name,): 1.0 if mask & bit else 0.0 for bit, name in CLOCK_EVENT_REASONS
-            }
+            values["nvidia_gpu_clock_event_active"] = _clock_events(mask)
         procs = call("nvmlDeviceGetComputeRunningProcesses_v3", g.processes)
         if procs is not _FAILED:
             values["nvidia_gpu_compute_processes"] = {(): float(procs)}
@@ -505,6 +503,29 @@ def _getter(symbol: str, handle: Any, *args: Any, out: Any = None, after: tuple[
     return get
 
 
+class _Utilization(ctypes.Structure):
+    """nvmlUtilization_t. pynvml's own structs route every field read through a Python __getattribute__."""
+
+    _fields_ = [("gpu", ctypes.c_uint), ("memory", ctypes.c_uint)]
+
+
+class _Memory(ctypes.Structure):
+    """nvmlMemory_v2_t."""
+
+    _fields_ = [("version", ctypes.c_uint), ("total", ctypes.c_ulonglong), ("reserved", ctypes.c_ulonglong),
+                ("free", ctypes.c_ulonglong), ("used", ctypes.c_ulonglong)]
+
+
+_MEMORY_V2 = ctypes.sizeof(_Memory) | 2 << 24  # NVML_STRUCT_VERSION(Memory, 2)
+assert getattr(pynvml, "nvmlMemory_v2", _MEMORY_V2) == _MEMORY_V2
+
+
+@functools.lru_cache(maxsize=256)
+def _clock_events(mask: int) -> dict[tuple[str, ...], float]:
+    """The clock-event flags of a reasons mask: one mapping per mask, the same object while it holds."""
+    return {(name,): 1.0 if mask & bit else 0.0 for bit, name in CLOCK_EVENT_REASONS}
+
+
 # (metric, labels, key, entry point or None, its arguments, the unsigned int it fills in, multiplier, divisor)
 _Plain = tuple[str, tuple[str, ...], str, Any, tuple[Any, ...], ctypes.c_uint, float, int]
 
@@ -538,14 +559,14 @@ class _FastGetters:
             ("nvidia_gpu_pcie_link_width", "nvmlDeviceGetCurrPcieLinkWidth"),
         )]
         self.plain = plain
-        self.utilization = _getter("nvmlDeviceGetUtilizationRates", handle, out=pynvml.c_nvmlUtilization_t())
+        self.utilization = _getter("nvmlDeviceGetUtilizationRates", handle, out=_Utilization())
         codecs = (("nvidia_gpu_encoder_utilization_ratio", "nvmlDeviceGetEncoderUtilization"),
                   ("nvidia_gpu_decoder_utilization_ratio", "nvmlDeviceGetDecoderUtilization"))
         # (utilisation, sampling period): the period is not used
         self.codec = [(metric, symbol, _getter(symbol, handle, after=(ctypes.byref(ctypes.c_uint()),)))
                       for metric, symbol in codecs]
-        memory = pynvml.c_nvmlMemory_v2_t()
-        memory.version = pynvml.nvmlMemory_v2
+        memory = _Memory()
+        memory.version = _MEMORY_V2
         self.memory = _getter("nvmlDeviceGetMemoryInfo_v2", handle, out=memory)
         # The "event" name arrived in driver 535; older drivers only have the "throttle" one (same ABI).
         events = ("nvmlDeviceGetCurrentClocksEventReasons" if _symbol("nvmlDeviceGetCurrentClocksEventReasons")
