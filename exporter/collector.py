@@ -92,6 +92,7 @@ class _Gpu:
     up: bool = False
     errors: dict[str, str] = field(default_factory=dict)  # readings that failed in the last read
     failed: dict[str, str] = field(default_factory=dict)  # those of the read in progress
+    passed: dict[str, Any] = field(default_factory=dict)  # fast mappings that passed _sanitize, by family
     duration: float = 0.0
     inflight: Future[None] | None = None
     read_started: float | None = None  # monotonic start of the read in progress
@@ -293,7 +294,7 @@ class Collector:
                 gpu.slow = self._sanitize(reader.read_slow())
                 gpu.slow_at = started
                 gpu.base = {**gpu.static, **gpu.slow}
-            fast = self._sanitize(reader.read_fast())
+            fast = self._sanitize(reader.read_fast(), gpu.passed)
             values: Values = {**gpu.base, **fast}
             for name in gpu.slow.keys() & fast.keys():  # a family read in two tiers (ECC: volatile, aggregate)
                 values[name] = {**gpu.slow[name], **fast[name]}
@@ -335,9 +336,13 @@ class Collector:
         if was_lost:
             log.warning("GPU is back", extra={"gpu": identity.index, "uuid": identity.uuid})
 
-    def _sanitize(self, values: Values) -> Values:
-        """Drop sentinel and impossible readings (0xFFFFFFFF °C and the like) and count them."""
+    def _sanitize(self, values: Values, passed: dict[str, Any] | None = None) -> Values:
+        """Drop sentinel and impossible readings (0xFFFFFFFF °C and the like) and count them. `passed`
+        remembers the mappings that passed, by family: the reader hands out the same mapping again
+        while its raw values stay the same (NVLink counters, clock-event flags), and it passes again."""
         for name, series in values.items():
+            if passed is not None and passed.get(name) is series:
+                continue
             low, high = _VALID[name]
             readings = series.values()
             if len(series) == 1:
@@ -347,6 +352,8 @@ class Collector:
             else:
                 total = sum(readings)  # NaN if any reading is NaN, which min() and max() can miss
                 if not series or (total == total and low <= min(readings) and max(readings) <= high):
+                    if passed is not None:
+                        passed[name] = series
                     continue  # the usual case, checked in C
             bad = [labels for labels, v in series.items() if not low <= v <= high]
             for labels in bad:
@@ -445,7 +452,8 @@ class Collector:
                 )
                 for g in self._gpus
             ]
-        gpus = tuple(self._diagnosed(g) for g in base)
+        now, mono = self._wall(), self._clock()
+        gpus = tuple(self._diagnosed(g, now, mono) for g in base)
         with self._lock:
             state = ExporterState(
                 nvml_up=self._nvml_up,
@@ -483,12 +491,11 @@ class Collector:
             return False
         return j.available if j.done_backfill.is_set() else None
 
-    def _diagnosed(self, g: GpuSnapshot) -> GpuSnapshot:
+    def _diagnosed(self, g: GpuSnapshot, now: float, mono: float) -> GpuSnapshot:
         """Add Xid series and the diagnosis; these stay on the page while the GPU is lost."""
         uuid = g.identity.uuid
         if not uuid:
             return g
-        now, mono = self._wall(), self._clock()
         prev, prev_at = self._prev.get(g.identity.index, (None, 0.0))
         if g.up and not g.stale:
             self._prev[g.identity.index] = (g, mono)
