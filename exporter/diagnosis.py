@@ -71,8 +71,9 @@ def _v(g: GpuSnapshot, metric: str, *labels: str) -> float | None:
 _NONE: Mapping[tuple[str, ...], float] = {}
 
 
-def _sum(g: GpuSnapshot, metric: str, match: Callable[[tuple[str, ...]], bool] = lambda _: True) -> float:
-    return sum(v for k, v in g.values.get(metric, {}).items() if match(k))
+def _sum(g: GpuSnapshot, metric: str, match: Callable[[tuple[str, ...]], bool] | None = None) -> float:
+    series = g.values.get(metric, _NONE)
+    return sum(series.values()) if match is None else sum(v for k, v in series.items() if match(k))
 
 
 # (check, status, action, reason template with {v}, value of the condition or None when it does not hold)
@@ -160,7 +161,7 @@ SNAPSHOT_RULES: tuple[Rule, ...] = (
 
 
 def _rate(g: GpuSnapshot, prev: GpuSnapshot | None, seconds: float, metric: str,
-          match: Callable[[tuple[str, ...]], bool] = lambda _: True) -> float | None:
+          match: Callable[[tuple[str, ...]], bool] | None = None) -> float | None:
     """Increase per second since the previous collection; None without history or across a reset."""
     if prev is None or seconds <= 0 or metric not in g.values or metric not in prev.values:
         return None

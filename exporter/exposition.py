@@ -63,8 +63,10 @@ def _series(metric: str, index: int, uuid: str, labels: tuple[str, ...]) -> str:
     return f"{metric}{{{_gpu_labels(index, uuid)}{extra}}} "
 
 
-def _labelset(metric: Metric, values: tuple[str, ...]) -> str:
-    return "{" + ",".join(f'{n}="{escape(v)}"' for n, v in zip(metric.labels, values, strict=True)) + "}"
+@lru_cache(maxsize=4096)  # the exporter's own series: per GPU, per NVML function and error
+def _labelset(name: str, values: tuple[str, ...]) -> str:
+    labels = BY_NAME[name].labels
+    return "{" + ",".join(f'{n}="{escape(v)}"' for n, v in zip(labels, values, strict=True)) + "}"
 
 
 def _info_line(i: GpuIdentity, driver: str) -> bytes:
@@ -115,7 +117,7 @@ def _exporter_samples(metric: Metric, snap: Snapshot, build: BuildInfo) -> Itera
         case _:
             raise KeyError(metric.name)
     for labels, v in series:
-        yield f"{metric.name}{_labelset(metric, labels) if labels else ''} {format_value(v)}\n"
+        yield f"{metric.name}{_labelset(metric.name, labels) if labels else ''} {format_value(v)}\n"
 
 
 def render(snap: Snapshot, build: BuildInfo) -> bytes:
