@@ -19,6 +19,7 @@ import tempfile
 import threading
 import time
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -123,10 +124,14 @@ def naive(fake: FakeNvml) -> Server:
 
 
 def paired_loops(servers: dict[str, Server], fake: FakeNvml, seconds: float, rounds: int = ROUNDS,
-                 max_n: int = 2000) -> dict[str, dict[str, float]]:
+                 max_n: int = 2000, others: dict[str, Callable[[], dict[str, float]]] | None = None,
+                 ) -> dict[str, dict[str, float]]:
     """Scrape each server in turn, in `rounds` blocks each, and take each figure's median over the blocks:
     these machines are shared, and a slow minute then weighs on every exporter alike rather than on
-    whichever was being measured. A server whose scrape takes over a tenth of the budget gets one block."""
+    whichever was being measured. A server whose scrape takes over a tenth of the budget gets one block.
+    `others` (the C floor) run once per round between the servers' blocks, their figures as medians too."""
+    others = others or {}
+    runs: dict[str, list[dict[str, float]]] = {name: [] for name in others}
     for server in servers.values():
         for _ in range(3):
             server.scrape()
@@ -147,6 +152,8 @@ def paired_loops(servers: dict[str, Server], fake: FakeNvml, seconds: float, rou
                 sizes[name].append(size)
                 n += 1
             blocks[name].append({"cpu": (cpu_seconds(server.proc.pid) - c0) / n, "calls": (calls(fake) - n0) / n})
+        for name, run in others.items():
+            runs[name].append(run())
     out = {}
     for name in servers:
         lat = sorted(latencies[name])
@@ -156,6 +163,9 @@ def paired_loops(servers: dict[str, Server], fake: FakeNvml, seconds: float, rou
                      "p50_ms": lat[n // 2] * 1e3, "p99_ms": lat[min(n - 1, int(n * 0.99))] * 1e3,
                      "nvml_calls": statistics.median(b["calls"] for b in blocks[name]),
                      "bytes": statistics.mean(sizes[name])}
+    for name, results in runs.items():
+        out[name] = {**results[0], "blocks": len(results),
+                     **{k: statistics.median(r[k] for r in results) for k in ("cpu_ms", "p50_ms")}}
     return out
 
 
@@ -184,13 +194,12 @@ def nvitop_case(fake: FakeNvml, seconds: float) -> dict[str, float] | None:
         server.stop()
 
 
-def cref_case(fake: FakeNvml) -> dict[str, float] | None:
-    if not CREF.exists():
-        return None
-    # as many iterations as fit the case's time budget (a 64-GPU collection at 200 µs/call takes ~0.3 s)
+def cref_block(fake: FakeNvml, seconds: float) -> dict[str, float]:
+    """One run of the C floor: as many collections as fit `seconds` (a 64-GPU collection at 200 µs/call
+    takes ~0.3 s), at least 3."""
     calls_per_collection = 24 * len([k for k in fake.state if k.endswith(".uuid")])
     per_collection = calls_per_collection * float(fake.state.get("latency_us", 0)) * 1e-6
-    n = max(5, min(300, int(SECONDS_PER_CASE / max(per_collection, 1e-4))))
+    n = max(3, min(300, int(seconds / max(per_collection, 1e-4))))
     out = subprocess.run([str(CREF), "-n", str(n)], env={**os.environ, **fake.env()}, capture_output=True, text=True,
                          check=True).stdout
     r = json.loads(out)
@@ -271,12 +280,12 @@ def main() -> int:
             try:
                 servers["ours"] = ours(fake)
                 servers["naive"] = naive(fake)
-                case.update(paired_loops(servers, fake, SECONDS_PER_CASE))
+                others = {"cref": lambda fake=fake: cref_block(fake, SECONDS_PER_CASE / ROUNDS)}
+                case.update(paired_loops(servers, fake, SECONDS_PER_CASE, others=others if CREF.exists() else None))
             finally:
                 for server in servers.values():
                     server.stop()
             case["nvitop"] = nvitop_case(fake, SECONDS_PER_CASE)
-            case["cref"] = cref_case(fake)
             results["cases"].append(case)
             print(f"  measured {gpus} GPUs, {lat} µs/call", file=sys.stderr)
         results["rss"] = [rss_case(8, 10_000, tmp), rss_case(64, int(os.environ.get("BENCH_RSS_SCRAPES_64", "3000")),
