@@ -454,10 +454,6 @@ class GpuReader:
         if util is not _FAILED:
             values["nvidia_gpu_utilization_ratio"] = {(): util.gpu / 100}
             values["nvidia_gpu_memory_utilization_ratio"] = {(): util.memory / 100}
-        for metric, key, get in g.codec:
-            v = call(key, get)
-            if v is not _FAILED:
-                values[metric] = {(): v / 100}
         mem = call("nvmlDeviceGetMemoryInfo_v2", g.memory)
         if mem is not _FAILED:
             values["nvidia_gpu_memory_total_bytes"] = {(): float(mem.total)}
@@ -484,12 +480,12 @@ def _symbol(name: str) -> Any:
         return None
 
 
-def _getter(symbol: str, handle: Any, *args: Any, out: Any = None, after: tuple[Any, ...] = ()) -> Callable[[], Any]:
+def _getter(symbol: str, handle: Any, *args: Any, out: Any = None) -> Callable[[], Any]:
     """fn(handle, *args, &out) with its arguments built once, returning out's value (or out itself, for a
     struct). Every collection pays the C call, not pynvml's wrapper: its lookups, ctypes objects, byref."""
     fn = _symbol(symbol)
     holder = ctypes.c_uint() if out is None else out
-    argv = (handle, *args, ctypes.byref(holder), *after)
+    argv = (handle, *args, ctypes.byref(holder))
     simple = isinstance(holder, ctypes._SimpleCData)
 
     def get() -> Any:
@@ -530,12 +526,13 @@ def _clock_events(mask: int) -> dict[tuple[str, ...], float]:
 _Plain = tuple[str, tuple[str, ...], str, Any, tuple[Any, ...], ctypes.c_uint, float, int]
 
 
-def _plain(metric: str, labels: tuple[str, ...], symbol: str, handle: Any, *args: int, scale: float = 1.0) -> _Plain:
-    """A getter of one unsigned int, fn(handle, *args, &out), prebuilt for GpuReader.read_fast: the value
-    is out * multiplier / divisor (a divisor, not a factor below 1, keeps mW -> W exact)."""
+def _plain(metric: str, labels: tuple[str, ...], symbol: str, handle: Any, *args: int, scale: float = 1.0,
+           after: tuple[Any, ...] = ()) -> _Plain:
+    """A getter of one unsigned int, fn(handle, *args, &out, *after), prebuilt for GpuReader.read_fast: the
+    value is out * multiplier / divisor (a divisor, not a factor below 1, keeps mW -> W exact)."""
     holder = ctypes.c_uint()
     key = ":".join([symbol, *map(str, args)])
-    return (metric, labels, key, _symbol(symbol), (handle, *args, ctypes.byref(holder)), holder,
+    return (metric, labels, key, _symbol(symbol), (handle, *args, ctypes.byref(holder), *after), holder,
             scale if scale >= 1 else 1, round(1 / scale) if scale < 1 else 1)
 
 
@@ -553,6 +550,10 @@ class _FastGetters:
                   for fan in range(fans)]
         plain += [_plain("nvidia_gpu_clock_hertz", (name,), "nvmlDeviceGetClockInfo", handle, clock, scale=1e6)
                   for clock, name in CLOCKS]
+        # (utilisation, sampling period): the period is not used
+        plain += [_plain(metric, (), symbol, handle, scale=0.01, after=(ctypes.byref(ctypes.c_uint()),))
+                  for metric, symbol in (("nvidia_gpu_encoder_utilization_ratio", "nvmlDeviceGetEncoderUtilization"),
+                                         ("nvidia_gpu_decoder_utilization_ratio", "nvmlDeviceGetDecoderUtilization"))]
         plain += [_plain(metric, (), symbol, handle) for metric, symbol in (
             ("nvidia_gpu_performance_state", "nvmlDeviceGetPerformanceState"),
             ("nvidia_gpu_pcie_link_generation", "nvmlDeviceGetCurrPcieLinkGeneration"),
@@ -560,11 +561,6 @@ class _FastGetters:
         )]
         self.plain = plain
         self.utilization = _getter("nvmlDeviceGetUtilizationRates", handle, out=_Utilization())
-        codecs = (("nvidia_gpu_encoder_utilization_ratio", "nvmlDeviceGetEncoderUtilization"),
-                  ("nvidia_gpu_decoder_utilization_ratio", "nvmlDeviceGetDecoderUtilization"))
-        # (utilisation, sampling period): the period is not used
-        self.codec = [(metric, symbol, _getter(symbol, handle, after=(ctypes.byref(ctypes.c_uint()),)))
-                      for metric, symbol in codecs]
         memory = _Memory()
         memory.version = _MEMORY_V2
         self.memory = _getter("nvmlDeviceGetMemoryInfo_v2", handle, out=memory)
