@@ -3,8 +3,10 @@ collector over the fake library that yields no warning at all."""
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -167,19 +169,25 @@ def test_critical_outranks_warning_for_the_recommended_action() -> None:
     assert diagnose(gpu(), [], None, 0, NOW).action == "none"
 
 
-def test_healthy_eight_gpu_node_through_the_real_collector(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    fake = FakeNvml(tmp_path / "nvml", h100_node(8))
+@contextlib.contextmanager
+def collector_over(fake: FakeNvml, monkeypatch: pytest.MonkeyPatch) -> Iterator[Collector]:
+    """The real collector, in this process, over the fake library, started and initialised."""
     monkeypatch.setenv("FAKE_NVML_STATE", str(fake.state_path))
     ctypes.CDLL(str(LIBRARY), mode=ctypes.RTLD_GLOBAL)
     collector = Collector(Library(str(LIBRARY)), min_interval=0.0, journal=False, events=False)
     collector.start()
     try:
         assert collector.initialised.wait(10)
+        yield collector
+    finally:
+        collector.stop()
+
+
+def test_healthy_eight_gpu_node_through_the_real_collector(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    with collector_over(FakeNvml(tmp_path / "nvml", h100_node(8)), monkeypatch) as collector:
         collector.collect(5.0)
         time.sleep(0.05)
         snap = collector.collect(5.0)  # a second collection, so the rate checks have history
-    finally:
-        collector.stop()
     assert len(snap.gpus) == 8
     for g in snap.gpus:
         assert g.diagnosis is not None
@@ -190,12 +198,7 @@ def test_healthy_eight_gpu_node_through_the_real_collector(tmp_path: Path, monke
 def test_each_collection_reports_the_readings_that_failed_in_it(tmp_path: Path,
                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     fake = FakeNvml(tmp_path / "nvml", h100_node(2))
-    monkeypatch.setenv("FAKE_NVML_STATE", str(fake.state_path))
-    ctypes.CDLL(str(LIBRARY), mode=ctypes.RTLD_GLOBAL)
-    collector = Collector(Library(str(LIBRARY)), min_interval=0.0, journal=False, events=False)
-    collector.start()
-    try:
-        assert collector.initialised.wait(10)
+    with collector_over(fake, monkeypatch) as collector:
         assert [g.errors for g in collector.collect(5.0).gpus] == [{}, {}]
         fake.set({"gpu.1.temp": "e:10"})  # a timeout: transient, so asked again next time
         snap = collector.collect(5.0)
@@ -206,8 +209,6 @@ def test_each_collection_reports_the_readings_that_failed_in_it(tmp_path: Path,
         assert [g.errors for g in snap.gpus] == [{}, {}]
         assert snap.gpus[1].value("nvidia_gpu_temperature_celsius") == 55
         assert snap.state.nvml_errors[("nvmlDeviceGetTemperature", "timeout")] == 1
-    finally:
-        collector.stop()
 
 
 class _Recording(dict):  # type: ignore[type-arg]
