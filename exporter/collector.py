@@ -424,6 +424,8 @@ class Collector:
         done, _ = wait(pending.values(), timeout=max(0.0, deadline - self._clock())) if pending else (set(), set())
         stale = {index for index, f in pending.items() if f not in done}
         stale |= {g.index for g in gpus if g.read_started is not None and g.index not in pending}
+        if sweep is not None and (stuck := sweep.current) is not None:
+            stale.add(stuck.index)  # (taken by the sweep a moment ago, its read_started not yet set)
         if sweep is not None and sweep.error is not None:
             raise sweep.error  # surface a bug in a reader rather than serve silently wrong data
         for f in done:
