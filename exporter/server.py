@@ -146,7 +146,7 @@ class Connection:
         self._date: tuple[int, str] = (0, "")
 
     def serve(self) -> None:
-        self.sock.settimeout(self.timeout)
+        self.sock.settimeout(self.timeout)  # the TLS handshake's too
         if isinstance(self.sock, ssl.SSLSocket):
             self.sock.do_handshake()  # here, in the connection's own thread, not in accept()
         while True:
@@ -172,10 +172,20 @@ class Connection:
                 return
 
     def _read_request(self) -> Request | None:
-        """The next request, None when the client closed the connection between requests."""
+        """The next request, None when the client closed the connection between requests. Once a request
+        has begun, all of its head must arrive within `timeout` (a client trickling a byte at a time
+        does not hold a thread for longer)."""
+        self.sock.settimeout(self.timeout)
+        started: float | None = None
         while (end := self._buffer.find(b"\r\n\r\n")) < 0:
             if len(self._buffer) > MAX_HEAD:
                 raise BadRequest(431, "request head too large")
+            if self._buffer:
+                started = time.monotonic() if started is None else started
+                left = self.timeout - (time.monotonic() - started)
+                if left <= 0:
+                    raise BadRequest(408, "request not received in time")
+                self.sock.settimeout(left)
             try:
                 chunk = self.sock.recv(65536)
             except TimeoutError:

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import gzip
 import http.client
+import select
 import socket
 import threading
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -148,3 +150,23 @@ def test_a_failing_collection_is_a_500_and_the_server_goes_on(served: tuple[int,
     r = conn.getresponse()
     assert r.status == 200 and r.getheader("Content-Encoding") == "gzip"
     assert b"nvidia_gpu_up" in gzip.decompress(r.read())
+
+
+def test_a_request_trickled_in_is_cut_off_after_the_timeout(served: tuple[int, Scrapes],
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    from nvml_exporter import server
+
+    monkeypatch.setattr(server.Connection, "timeout", 0.5)
+    port, _ = served
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        started = time.monotonic()
+        out = b""
+        for byte in b"GET /metrics HTTP/1.1\r\nX-Slow: " + b"y" * 40:
+            s.sendall(bytes([byte]))
+            # each byte well inside the timeout, the whole head not; stop once the server has answered
+            if select.select([s], [], [], 0.05)[0] or time.monotonic() - started > 3:
+                break
+        while chunk := s.recv(65536):
+            out += chunk
+    assert out.startswith(b"HTTP/1.1 408 "), out[:60]
+    assert time.monotonic() - started < 3
