@@ -40,6 +40,16 @@ def duration(value: str) -> float:
     return seconds
 
 
+def positive_int(value: str) -> int:
+    try:
+        n = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid number {value!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value!r}")
+    return n
+
+
 def listen_address(value: str) -> tuple[str, int]:
     try:
         return parse_listen_address(value)
@@ -68,6 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="path for metrics (default /metrics)")
     p.add_argument("--web.config.file", dest="web_config", metavar="FILE",
                    help="exporter-toolkit web config: TLS and basic auth")
+    p.add_argument("--web.max-connections", dest="max_connections", type=positive_int, default=64, metavar="N",
+                   help="connections served at once, each on its own thread; more get a 503 (default 64)")
     p.add_argument("--collect.timeout", dest="timeout", type=duration, default=5.0, metavar="DURATION",
                    help="deadline of a scrape when Prometheus sends none (default 5s)")
     p.add_argument("--collect.min-interval", dest="min_interval", type=duration, default=1.0, metavar="DURATION",
@@ -111,10 +123,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     host, port = args.listen
     try:
         activated = sdnotify.listen_socket()
-        server = Server((host, port), app, sock=activated)
+        server = Server((host, port), app, sock=activated, max_connections=args.max_connections)
     except OSError as e:
         if host == "" and e.errno == 97:  # no IPv6 on this host: all IPv4 addresses then
-            server = Server(("0.0.0.0", port), app)
+            server = Server(("0.0.0.0", port), app, max_connections=args.max_connections)
         else:
             print(f"nvml-exporter: error: cannot listen on {host or '*'}:{port}: {e.strerror}", file=sys.stderr)
             return 1

@@ -277,6 +277,8 @@ class Connection:
             _send_chunks(self.sock, [data, *chunks])
 
 
+_TOO_MANY = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain; charset=utf-8\r\n"
+             b"Content-Length: 21\r\nConnection: close\r\n\r\ntoo many connections\n")
 _KNOWN_METHODS = frozenset({"POST", "PUT", "DELETE", "PATCH", "OPTIONS", "CONNECT", "TRACE"})
 
 
@@ -309,9 +311,11 @@ class _Threads:
         self._queue: queue.SimpleQueue[tuple[Any, Any]] = queue.SimpleQueue()
         self._lock = threading.Lock()
         self._idle = 0
+        self.busy = 0  # connections being served
 
     def submit(self, request: Any, address: Any) -> None:
         with self._lock:
+            self.busy += 1
             if self._idle:  # an idle thread takes it; queued under the lock, so that it cannot time out first
                 self._idle -= 1
                 self._queue.put((request, address))
@@ -320,9 +324,12 @@ class _Threads:
 
     def _run(self, item: tuple[Any, Any]) -> None:
         while True:
-            self._serve(*item)
-            with self._lock:
-                self._idle += 1
+            try:
+                self._serve(*item)
+            finally:
+                with self._lock:
+                    self.busy -= 1
+                    self._idle += 1
             try:
                 item = self._queue.get(timeout=self.IDLE)
             except queue.Empty:
@@ -338,10 +345,12 @@ class Server(socketserver.TCPServer):
     allow_reuse_address = True
     request_queue_size = 128  # a fleet's Prometheus pair and a few curls; more wait in the kernel
 
-    def __init__(self, address: tuple[str, int], app: App, sock: socket.socket | None = None):
+    def __init__(self, address: tuple[str, int], app: App, sock: socket.socket | None = None,
+                 max_connections: int = 64):
         host = address[0]
         self.address_family = socket.AF_INET6 if ":" in host or host == "" else socket.AF_INET
         self.app = app
+        self.max_connections = max_connections
         self._connections = _Threads(self._serve_connection)
         if host == "":
             address = ("::", address[1])
@@ -368,7 +377,23 @@ class Server(socketserver.TCPServer):
         return sock, addr
 
     def process_request(self, request: Any, client_address: Any) -> None:
+        if self._connections.busy >= self.max_connections:
+            self._refuse(request, client_address)
+            return
         self._connections.submit(request, client_address)
+
+    def _refuse(self, sock: socket.socket, peer: Any) -> None:
+        """Past --web.max-connections (each holds a thread): a 503 and close, from the accepting thread,
+        which must not wait on the client (a TLS client is closed without one: no handshake here)."""
+        log.warning("too many connections; refusing one", extra={"peer": peer[0], "limit": self.max_connections})
+        try:
+            if not isinstance(sock, ssl.SSLSocket):
+                sock.setblocking(False)
+                sock.send(_TOO_MANY)
+        except OSError as e:
+            log.debug("could not answer a refused connection", extra={"peer": peer[0], "error": str(e)})
+        finally:
+            self.shutdown_request(sock)
 
     def _serve_connection(self, sock: socket.socket, peer: Any) -> None:
         try:

@@ -29,6 +29,7 @@ def test_defaults() -> None:
     assert args.listen == ("", 9400)
     assert (args.path, args.timeout, args.min_interval, args.slow_interval) == ("/metrics", 5.0, 1.0, 30.0)
     assert (args.log_level, args.log_format, args.library, args.web_config) == ("info", "logfmt", None, None)
+    assert args.max_connections == 64
     assert build_parser().parse_args(["--web.listen-address=[::1]:9500"]).listen == ("::1", 9500)
 
 
@@ -39,6 +40,8 @@ def test_defaults() -> None:
     ("--web.listen-address=:99999", "invalid listen address"),
     ("--web.telemetry-path=metrics", "telemetry path must start with /"),
     ("--log.level=verbose", "invalid choice"),
+    ("--web.max-connections=0", "must be at least 1"),
+    ("--web.max-connections=many", "invalid number"),
     ("--log.format=xml", "invalid choice"),
     ("--no-such-flag", "unrecognized arguments"),
 ])

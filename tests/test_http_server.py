@@ -35,11 +35,11 @@ class Scrapes:
 
 
 @pytest.fixture
-def served() -> Iterator[tuple[int, Scrapes]]:
+def served(request: pytest.FixtureRequest) -> Iterator[tuple[int, Scrapes]]:
     scrapes = Scrapes()
     app = App(collect=scrapes, ready=lambda: True, web=WebConfig(headers={"X-Frame-Options": "deny"}),
               build=BuildInfo(version="1.0", pynvml_version="13", python_version="3.11"), collect_timeout=5.0)
-    server = Server(("127.0.0.1", 0), app)
+    server = Server(("127.0.0.1", 0), app, max_connections=getattr(request, "param", 64))
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     thread.start()
     yield server.server_address[1], scrapes
@@ -170,3 +170,22 @@ def test_a_request_trickled_in_is_cut_off_after_the_timeout(served: tuple[int, S
             out += chunk
     assert out.startswith(b"HTTP/1.1 408 "), out[:60]
     assert time.monotonic() - started < 3
+
+
+@pytest.mark.parametrize("served", [2], indirect=True)
+def test_connections_past_the_limit_get_a_503_until_one_closes(served: tuple[int, Scrapes]) -> None:
+    port, _ = served
+    held = [http.client.HTTPConnection("127.0.0.1", port, timeout=10) for _ in range(2)]
+    for conn in held:  # each kept alive after its scrape, holding a connection thread
+        conn.request("GET", "/-/healthy")
+        assert conn.getresponse().read() == b"OK\n"
+    assert raw(port, b"GET /-/healthy HTTP/1.1\r\n\r\n").startswith(b"HTTP/1.1 503 Service Unavailable\r\n")
+    held.pop().close()
+    deadline = time.monotonic() + 5
+    while (out := raw(port, b"GET /-/healthy HTTP/1.0\r\n\r\n")).startswith(b"HTTP/1.1 503"):
+        assert time.monotonic() < deadline, "the closed connection's slot never came back"
+        time.sleep(0.02)
+    assert out.endswith(b"OK\n")
+    held[0].request("GET", "/-/healthy")  # the one still held is served as before
+    assert held[0].getresponse().read() == b"OK\n"
+    held[0].close()
