@@ -111,11 +111,11 @@ class Server:
         self.proc.wait(timeout=30)
 
 
-def ours(fake: FakeNvml, min_interval: str = "0.000001") -> Server:  # every scrape collects
+def ours(fake: FakeNvml, min_interval: str = "0.000001", *flags: str) -> Server:  # 1 us: every scrape collects
     port = free_port()
     return Server([sys.executable, "-m", "nvml_exporter", f"--web.listen-address=127.0.0.1:{port}",
                    f"--collect.min-interval={min_interval}", "--collect.timeout=60s", "--no-xid.journal",
-                   "--log.level=error"], fake, port)
+                   "--log.level=error", *flags], fake, port)
 
 
 def naive(fake: FakeNvml) -> Server:
@@ -227,7 +227,7 @@ def concurrency_case(tmp: Path, collections: int = 10) -> dict[str, float]:
     Measured over whole collection periods (from one collection to the 10th after it, as the pages'
     last-collection timestamps show): a fixed window would catch 5 or 6 collections by chance."""
     fake = FakeNvml(tmp / "conc", h100_node(8))
-    server = ours(fake, min_interval="1s")
+    server = ours(fake, "1s", "--web.max-connections=128")  # all 100 served (the default cap is 64)
     out = {}
 
     def stamp() -> str:
