@@ -234,7 +234,7 @@ class FieldBatch:
                 continue
             # NVML may leave ECC fields typed DOUBLE though they hold an integer (DCGM's "WAR for bug 2032468").
             kind = _RAW if f.field_id in ECC_FIELD_IDS or vtype in _WHOLE_WORD_TYPES else vtype
-            divisor = round(1 / f.scale) if f.scale < 1 else 1
+            divisor = factors(f.scale)[1]  # (fields are only ever scaled down)
             if kind in (_RAW, pynvml.NVML_VALUE_TYPE_UNSIGNED_INT) and divisor == 1:
                 whole.setdefault((f.metric, kind != _RAW), []).append((f.labels, i))
             else:
@@ -257,9 +257,15 @@ def _picker(indices: list[int]) -> Callable[[list[int]], tuple[int, ...]]:
     return operator.itemgetter(*indices)
 
 
+def factors(scale: float) -> tuple[float, int]:
+    """(multiplier, divisor) for a unit conversion: scaling down divides by a whole number, which keeps
+    decimal values exact (7014307013 ns -> 7014.307013 s, not ...0001)."""
+    return (1, round(1 / scale)) if scale < 1 else (scale, 1)
+
+
 def scaled(v: float, scale: float) -> float:
-    """Unit conversion that keeps decimal values exact: 7014307013 ns -> 7014.307013 s, not ...0001."""
-    return v / round(1 / scale) if scale < 1 else v * scale
+    mul, div = factors(scale)
+    return v * mul / div
 
 
 # nvmlFieldValue_t: fieldId u32, scopeId u32, timestamp i64, latencyUsec i64, valueType u32, nvmlReturn u32,
@@ -533,7 +539,7 @@ def _plain(metric: str, labels: tuple[str, ...], symbol: str, handle: Any, *args
     holder = ctypes.c_uint()
     key = ":".join([symbol, *map(str, args)])
     return (metric, labels, key, _symbol(symbol), (handle, *args, ctypes.byref(holder), *after), holder,
-            scale if scale >= 1 else 1, round(1 / scale) if scale < 1 else 1)
+            *factors(scale))
 
 
 class _FastGetters:
