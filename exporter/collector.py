@@ -20,7 +20,7 @@ import queue
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import Future, wait
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
@@ -92,7 +92,7 @@ class _Gpu:
     up: bool = False
     errors: dict[str, str] = field(default_factory=dict)  # readings that failed in the last read
     failed: dict[str, str] = field(default_factory=dict)  # those of the read in progress
-    passed: dict[str, Any] = field(default_factory=dict)  # fast mappings that passed _sanitize, by family
+    passed: dict[str, Mapping[tuple[str, ...], float]] = field(default_factory=dict)  # that passed _sanitize
     duration: float = 0.0
     inflight: Future[None] | None = None
     read_started: float | None = None  # monotonic start of the read in progress
@@ -119,6 +119,7 @@ class _Sweep:
         self._lock = threading.Lock()
         self.current: _Gpu | None = None
         self.error: BaseException | None = None
+        self.done = False
         self.finished = threading.Lock()
         self.finished.acquire()
 
@@ -134,6 +135,7 @@ class _Sweep:
             self.error = e
         finally:
             self.current = None
+            self.done = True
             self.finished.release()
 
     def take_back(self) -> list[_Gpu]:
@@ -144,12 +146,7 @@ class _Sweep:
     def wait(self, timeout: float) -> bool:
         if self.finished.acquire(timeout=max(0.0, timeout)):
             self.finished.release()
-            return True
-        return False
-
-    @property
-    def done(self) -> bool:
-        return not self.finished.locked()
+        return self.done
 
 
 class Collector:
@@ -336,7 +333,8 @@ class Collector:
         if was_lost:
             log.warning("GPU is back", extra={"gpu": identity.index, "uuid": identity.uuid})
 
-    def _sanitize(self, values: Values, passed: dict[str, Any] | None = None) -> Values:
+    def _sanitize(self, values: Values, passed: dict[str, Mapping[tuple[str, ...], float]] | None = None,
+                  ) -> Values:
         """Drop sentinel and impossible readings (0xFFFFFFFF °C and the like) and count them. `passed`
         remembers the mappings that passed, by family: the reader hands out the same mapping again
         while its raw values stay the same (NVLink counters, clock-event flags), and it passes again."""
