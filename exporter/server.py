@@ -154,7 +154,7 @@ class Connection:
                 request = self._read_request()
             except BadRequest as e:
                 log.debug("bad request", extra={"peer": self.peer[0], "error": str(e)})
-                self._send(None, e.code, f"{e}\n".encode(), "text/plain; charset=utf-8", close=True)
+                self._text(None, e.code, f"{e}\n".encode(), close=True)
                 return
             if request is None:
                 return
@@ -166,7 +166,7 @@ class Connection:
             except Exception:
                 # A bug, not the client's fault: say so, and keep serving others.
                 log.exception("request failed", extra={"peer": self.peer[0], "path": request.target[:200]})
-                self._send(request, 500, b"Internal Server Error\n", "text/plain; charset=utf-8", close=True)
+                self._text(request, 500, b"Internal Server Error\n", close=True)
                 return
             if not keep:
                 return
@@ -220,12 +220,11 @@ class Connection:
         app = self.app
         close = not keep
         if request.method not in ("GET", "HEAD"):
-            self._send(request, 405 if request.method in _KNOWN_METHODS else 501,
-                       b"Only GET and HEAD are served\n", "text/plain; charset=utf-8", {"Allow": "GET, HEAD"}, close)
+            self._text(request, 405 if request.method in _KNOWN_METHODS else 501, b"Only GET and HEAD are served\n",
+                       close, {"Allow": "GET, HEAD"})
             return
         if not app.web.authorized(request.headers.get("authorization")):
-            self._send(request, 401, b"Unauthorized\n", "text/plain; charset=utf-8",
-                       {"WWW-Authenticate": 'Basic realm="nvml-exporter"'}, close)
+            self._text(request, 401, b"Unauthorized\n", close, {"WWW-Authenticate": 'Basic realm="nvml-exporter"'})
             return
         path = request.path
         if path == app.telemetry_path:
@@ -234,17 +233,20 @@ class Connection:
         elif path == "/":
             self._send(request, 200, app.landing_page(), "text/html; charset=utf-8", close=close)
         elif path == "/-/healthy":
-            self._send(request, 200, b"OK\n", "text/plain; charset=utf-8", close=close)
+            self._text(request, 200, b"OK\n", close)
         elif path == "/-/ready":
             if app.ready():
-                self._send(request, 200, b"OK\n", "text/plain; charset=utf-8", close=close)
+                self._text(request, 200, b"OK\n", close)
             else:
-                self._send(request, 503, b"NVML has not been initialised yet\n", "text/plain; charset=utf-8",
-                           close=close)
+                self._text(request, 503, b"NVML has not been initialised yet\n", close)
         else:
-            self._send(request, 404, b"Not Found\n", "text/plain; charset=utf-8", close=close)
+            self._text(request, 404, b"Not Found\n", close)
         if log.isEnabledFor(logging.DEBUG):  # every scrape passes here: format only what is logged
             log.debug("request", extra={"peer": self.peer[0], "method": request.method, "path": path[:200]})
+
+    def _text(self, request: Request | None, code: int, body: bytes, close: bool,
+              extra: dict[str, str] | None = None) -> None:
+        self._send(request, code, body, _TEXT, extra, close)
 
     def _send(self, request: Request | None, code: int, body: bytes | list[bytes], content_type: str,
               extra: dict[str, str] | None = None, close: bool = False) -> None:
@@ -277,8 +279,10 @@ class Connection:
             _send_chunks(self.sock, [data, *chunks])
 
 
-_TOO_MANY = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain; charset=utf-8\r\n"
-             b"Content-Length: 21\r\nConnection: close\r\n\r\ntoo many connections\n")
+_TEXT = "text/plain; charset=utf-8"
+_TOO_MANY_BODY = b"too many connections\n"
+_TOO_MANY = (f"HTTP/1.1 503 Service Unavailable\r\nContent-Type: {_TEXT}\r\nContent-Length: {len(_TOO_MANY_BODY)}\r\n"
+             "Connection: close\r\n\r\n").encode() + _TOO_MANY_BODY
 _KNOWN_METHODS = frozenset({"POST", "PUT", "DELETE", "PATCH", "OPTIONS", "CONNECT", "TRACE"})
 
 
