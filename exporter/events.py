@@ -10,7 +10,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from .nvml import EVENT_NAMES, EVENT_XID, EventSet, GpuLost, NvmlError, uuid_of
+from .nvml import EVENT_NAMES, EVENT_XID, Event, EventSet, GpuLost, NvmlError, uuid_of
 from .xidstore import XidEvent, XidStore
 
 log = logging.getLogger("nvml_exporter.events")
@@ -18,6 +18,7 @@ log = logging.getLogger("nvml_exporter.events")
 WANTED = sum(EVENT_NAMES)
 WAIT_MS = 500
 RECHECK_SECONDS = 2.0  # how often the set of attached GPUs is compared with the registered one
+DRAIN_MAX = 10_000  # events read from a set before it is replaced
 
 
 class EventWatcher:
@@ -65,6 +66,7 @@ class EventWatcher:
             now = time.monotonic()
             if es is None or (now - checked >= RECHECK_SECONDS and set(self._attached()) != set(self.registered)):
                 if es is not None:
+                    self._drain(es)  # a new set sees only later events: read what this one still holds
                     self._free(es)
                 es = self._register()
                 checked = now
@@ -84,15 +86,30 @@ class EventWatcher:
                 self._on_error(e.function, e.code)
                 self._stop.wait(1.0)
                 continue
-            if event is None:
-                continue
-            if event.type == EVENT_XID:
-                self._store.record(XidEvent(event.uuid, event.data, self._clock(), "nvml"))
-                log.error("Xid", extra={"uuid": event.uuid, "xid": event.data})
-            else:
-                self._store.record_event(event.uuid, EVENT_NAMES.get(event.type, hex(event.type)))
+            if event is not None:
+                self._record(event)
         if es is not None:
             self._free(es)
+
+    def _record(self, event: Event) -> None:
+        if event.type == EVENT_XID:
+            self._store.record(XidEvent(event.uuid, event.data, self._clock(), "nvml"))
+            log.error("Xid", extra={"uuid": event.uuid, "xid": event.data})
+        else:
+            self._store.record_event(event.uuid, EVENT_NAMES.get(event.type, hex(event.type)))
+
+    def _drain(self, es: EventSet) -> None:
+        """Record the events the set holds, without waiting for more (at most DRAIN_MAX: a storm must
+        not keep the watcher from the new set)."""
+        for _ in range(DRAIN_MAX):
+            try:
+                event = es.wait(0)
+            except NvmlError as e:  # GpuLost included: what is left cannot be read
+                self._on_error(e.function, e.code)
+                return
+            if event is None:
+                return
+            self._record(event)
 
     def _free(self, es: EventSet) -> None:
         try:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import os
 import shutil
 import socket
@@ -16,7 +18,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.fakenvml.scenario import REPO, FakeNvml
+from nvml_exporter.collector import Collector
+from nvml_exporter.nvml import Library
+from tests.fakenvml.scenario import LIBRARY, REPO, FakeNvml
 
 EXPORTER = [sys.executable, "-m", "nvml_exporter"]
 
@@ -37,6 +41,20 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def collector_over(fake: FakeNvml, monkeypatch: pytest.MonkeyPatch) -> Iterator[Collector]:
+    """The real collector, in this process, over the fake library, started and initialised."""
+    monkeypatch.setenv("FAKE_NVML_STATE", str(fake.state_path))
+    ctypes.CDLL(str(LIBRARY), mode=ctypes.RTLD_GLOBAL)
+    collector = Collector(Library(str(LIBRARY)), min_interval=0.0, journal=False, events=False)
+    collector.start()
+    try:
+        assert collector.initialised.wait(10)
+        yield collector
+    finally:
+        collector.stop()
 
 
 @pytest.fixture

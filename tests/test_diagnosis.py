@@ -3,20 +3,16 @@ collector over the fake library that yields no warning at all."""
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from nvml_exporter.collector import Collector
 from nvml_exporter.diagnosis import CHECKS, RULE_INPUTS, SNAPSHOT_RULES, diagnose
-from nvml_exporter.nvml import Library
 from nvml_exporter.snapshot import GpuIdentity, GpuSnapshot, Values
 from nvml_exporter.xidstore import XidEvent
-from tests.fakenvml.scenario import LIBRARY, FakeNvml, h100_node
+from tests.conftest import collector_over
+from tests.fakenvml.scenario import FakeNvml, h100_node
 
 NOW = 1_800_000_000.0
 REASONS = ("gpu_idle", "applications_clocks_setting", "sw_power_cap", "hw_slowdown", "sync_boost",
@@ -167,20 +163,6 @@ def test_critical_outranks_warning_for_the_recommended_action() -> None:
     d = diagnose(gpu(v), xids((79, 5)), None, 0, NOW)
     assert (d.status, d.action) == ("critical", "reboot_node")
     assert diagnose(gpu(), [], None, 0, NOW).action == "none"
-
-
-@contextlib.contextmanager
-def collector_over(fake: FakeNvml, monkeypatch: pytest.MonkeyPatch) -> Iterator[Collector]:
-    """The real collector, in this process, over the fake library, started and initialised."""
-    monkeypatch.setenv("FAKE_NVML_STATE", str(fake.state_path))
-    ctypes.CDLL(str(LIBRARY), mode=ctypes.RTLD_GLOBAL)
-    collector = Collector(Library(str(LIBRARY)), min_interval=0.0, journal=False, events=False)
-    collector.start()
-    try:
-        assert collector.initialised.wait(10)
-        yield collector
-    finally:
-        collector.stop()
 
 
 def test_healthy_eight_gpu_node_through_the_real_collector(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

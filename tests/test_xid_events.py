@@ -6,8 +6,12 @@ import threading
 import time
 from pathlib import Path
 
-from tests.conftest import samples, wait_for
-from tests.fakenvml.scenario import FakeNvml
+import pytest
+
+from nvml_exporter import events
+from nvml_exporter.xidstore import XidStore
+from tests.conftest import collector_over, samples, wait_for
+from tests.fakenvml.scenario import FakeNvml, h100_node
 from tests.journal import write_journal, xid_line
 
 __all__ = ["journal_with_xids"]
@@ -117,3 +121,30 @@ def test_without_a_journal_it_says_so_once_and_counts_nvml_events(tmp_path: Path
     fake.xid(4, 119)
     wait_for(lambda: series(fake, 4, 119) in exp.metrics())
     assert exp.log().count("kernel journal not available") == 1
+
+
+def test_events_waiting_in_the_set_when_the_watched_gpus_change_are_counted(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The watcher makes its event set anew when the attached GPUs change (one lost, one back): what the
+    old set still holds is read first, not dropped with it."""
+    fake = FakeNvml(tmp_path / "nvml", h100_node(2))
+    monkeypatch.setattr(events, "RECHECK_SECONDS", 0.0)  # compare the attached GPUs on every pass
+    with collector_over(fake, monkeypatch) as collector:
+        watched = collector.attached()
+        uuid0, uuid1 = fake.state["gpu.0.uuid"], fake.state["gpu.1.uuid"]
+        store = XidStore()
+        watcher = events.EventWatcher(lambda: dict(watched), store, lambda function, code: None)
+        watcher.start()
+        try:
+            assert watcher.first_registration.wait(5)
+            # Each wait now takes 0.4 s after it finds an event, so the second Xid is still in the set
+            # when the watcher, back with the first, finds that GPU 1 is gone.
+            fake.set({"latency_us.nvmlEventSetWait_v2": 400_000, "latency_us.nvmlEventSetWait": 400_000})
+            time.sleep(1.0)  # (a wait begun before that answers at once)
+            fake.xid(0, 79)
+            fake.xid(0, 48)
+            del watched[uuid1]
+            wait_for(lambda: set(watcher.registered) == {uuid0}, timeout=10)
+            wait_for(lambda: sorted(store.series(uuid0)) == [48, 79], timeout=10)
+        finally:
+            watcher.stop()
