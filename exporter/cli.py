@@ -119,7 +119,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     collector = Collector(Library(args.library), min_interval=args.min_interval,
                           slow_interval=args.slow_interval, journal=args.journal, journal_path=args.journal_path)
     app = App(collect=collector.collect, ready=collector.initialised.is_set, web=web, build=BuildInfo.detect(),
-              telemetry_path=args.path, collect_timeout=args.timeout)
+              telemetry_path=args.path, collect_timeout=args.timeout, collect_into=collector.collect_into)
     host, port = args.listen
     try:
         activated = sdnotify.listen_socket()

@@ -1,13 +1,17 @@
 """Collection: turns NVML into a `Snapshot`, on demand, within a deadline, one GPU's failure at a time.
 
 - A manager thread initialises NVML (retrying with backoff while the library or driver is missing)
-  and re-enumerates GPUs now and then. A scrape never calls NVML itself.
-- Where the driver answers in microseconds, one sweep thread reads the GPUs one after another: the
-  work is Python, and threads reading in parallel would only hand the GIL to each other. Where calls
-  are slow, each GPU is read by its own worker thread, so the calls overlap. A GPU the sweep has not
-  started within SWEEP_PATIENCE gets its own thread too, so a call that hangs holds up only its own GPU.
-  A scrape waits until its deadline, then serves that GPU's last good values and counts the timeout;
-  the hung read is not repeated until it returns.
+  and re-enumerates GPUs now and then.
+- Where the driver answers in microseconds, the GPUs are read one after another by one thread: the
+  work is Python, and threads reading in parallel would only hand the GIL to each other. For a scrape
+  (`collect_into`) that is the scrape's own thread, watched by a kernel timer: a hand-off to another
+  thread and back cost more than reading a GPU. For other callers (`collect`) it is the sweep thread,
+  so that theirs never makes a driver call. Where calls are slow, each GPU is read by its own worker
+  thread, so the calls overlap.
+- A GPU the sweep has not started within SWEEP_PATIENCE gets its own thread, so a call that hangs
+  holds up only its own GPU. Where it hangs in a scrape's thread, the watchdog takes the collection
+  over and answers the scrape in its place. A scrape waits until its deadline, then serves that GPU's
+  last good values and counts the timeout; the hung read is not repeated until it returns.
 - Single-flight: concurrent scrapes share one collection, and a scrape within `min_interval` of the
   last collection is served from it.
 """
@@ -26,12 +30,13 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 from typing import Any
 
+from .alarm import Alarm
 from .diagnosis import diagnose
 from .events import EventWatcher
 from .journal import JournalFollower, pci_key
 from .metrics import BY_NAME
 from .nvml import GpuLost, GpuReader, Library, NvmlError, error_name
-from .snapshot import ExporterState, GpuIdentity, GpuSnapshot, Snapshot, Values
+from .snapshot import Deliver, ExporterState, GpuIdentity, GpuSnapshot, Snapshot, Values
 from .xidstore import XidStore
 
 log = logging.getLogger("nvml_exporter.collector")
@@ -110,9 +115,9 @@ def sweepable(reader: GpuReader | None) -> bool:
 
 
 class _Sweep:
-    """One pass of the sweep thread over the fast GPUs, in order. The collection can take back the GPUs
-    it has not started yet; `finished` is held until the pass ends (a plain lock: this hand-off happens
-    every scrape, and a Future per GPU cost more than reading a GPU)."""
+    """One pass over the fast GPUs, in order, by the sweep thread or a scrape's own thread. The collection
+    (or the watchdog) can take back the GPUs it has not started yet; `finished` is held until the pass
+    ends (a plain lock: a Future per GPU cost more than reading a GPU)."""
 
     def __init__(self, gpus: list[_Gpu]):
         self._todo = gpus[::-1]  # popped from the end
@@ -149,6 +154,37 @@ class _Sweep:
         return self.done
 
 
+@dataclass
+class _Work:
+    """A collection's reads once started: what the one who finishes it waits for."""
+
+    gpus: list[_Gpu]
+    sweep: _Sweep | None
+    pending: dict[int, Future[None]]  # GPUs read on their own threads
+    deadline: float
+
+
+class _Flight:
+    """One collection in progress: its result for the scrapes that share it, and who finishes it (the
+    thread that started it, or the watchdog where a driver call holds that thread)."""
+
+    def __init__(self) -> None:
+        self.future: Future[Snapshot] = Future()
+        self.work: _Work | None = None  # what the watchdog needs to finish it
+        self.deliver: Deliver | None = None
+        self.delivered = threading.Event()  # set once the watchdog has delivered it, where it took it over
+        self._claim = threading.Lock()
+        self._claimed = False
+
+    def claim(self, unless_done: _Sweep | None = None) -> bool:
+        """True for the first to ask (the watchdog passes the sweep: only while it is still reading)."""
+        with self._claim:
+            if self._claimed or (unless_done is not None and unless_done.done):
+                return False
+            self._claimed = True
+            return True
+
+
 class Collector:
     def __init__(
         self,
@@ -179,9 +215,12 @@ class Collector:
         self._timeouts: Counter[str] = Counter()
         self._invalid: Counter[str] = Counter()
         self._last: Snapshot | None = None
-        self._inflight: Future[Snapshot] | None = None
+        self._inflight: _Flight | None = None
         self._sweeper = _Worker("nvml-sweep")
         self._sweep: _Sweep | None = None
+        self._alarm = Alarm.create()
+        self._watched: _Flight | None = None  # the collection whose sweep runs in a scrape's thread
+        self._watchdog: threading.Thread | None = None
         self._stop = threading.Event()
         self._manager: threading.Thread | None = None
         self.initialised = threading.Event()  # NVML came up at least once (readiness)
@@ -197,6 +236,9 @@ class Collector:
     def start(self) -> None:
         self._manager = threading.Thread(target=self._manage, name="nvml-manager", daemon=True)
         self._manager.start()
+        if self._alarm is not None:
+            self._watchdog = threading.Thread(target=self._watchdog_loop, name="nvml-watchdog", daemon=True)
+            self._watchdog.start()
         if self._journal is not None:
             self._journal.start()
 
@@ -208,6 +250,10 @@ class Collector:
         with self._lock:
             gpus = list(self._gpus)
         self._sweeper.shutdown()
+        with self._lock:
+            self._watched = None
+            if self._watchdog is not None and self._alarm is not None:
+                self._alarm.set(0)  # wakes the watchdog, which sees the stop and closes the alarm
         for g in gpus:
             if g._worker is not None:
                 g._worker.shutdown()
@@ -364,42 +410,64 @@ class Collector:
 
     # -- collections -----------------------------------------------------------------------------
     def collect(self, timeout: float) -> Snapshot:
-        """A snapshot no older than min_interval, returned within `timeout` seconds."""
+        """A snapshot no older than min_interval, returned within `timeout` seconds whatever the driver
+        does: fast GPUs are read on the sweep thread, not this one."""
+        got: list[Snapshot] = []
+        self._run(timeout, lambda snap, _taken_over: got.append(snap), inline=False)
+        return got[0]
+
+    def collect_into(self, timeout: float, deliver: Deliver) -> bool:
+        """Collect as collect() does, but hand the snapshot to deliver(snapshot, taken_over), exactly once
+        and within `timeout` seconds, reading the fast GPUs in this thread: a scrape then costs no
+        thread switches. Where a driver call holds this thread past SWEEP_PATIENCE, the watchdog takes
+        the collection over and delivers it (taken_over=True) by the deadline, while this thread waits
+        for the call; it returns False then, once that delivery is done."""
+        return self._run(timeout, deliver, inline=self._watchdog is not None)
+
+    def _run(self, timeout: float, deliver: Deliver, inline: bool) -> bool:
         deadline = self._clock() + timeout
         with self._lock:
-            last = self._last
-            if last is not None and self._clock() - last.taken_at < self._min_interval:
-                return last
-            leader = self._inflight is None
+            last, flight = self._last, self._inflight
+            fresh = last is not None and self._clock() - last.taken_at < self._min_interval
+            leader = not fresh and flight is None
             if leader:
-                self._inflight = Future()
-            flight = self._inflight
-            assert flight is not None
+                flight = self._inflight = _Flight()
+        if fresh:
+            assert last is not None
+            deliver(last, False)
+            return True
+        assert flight is not None
         if not leader:
             # Share the collection in flight, but not for long: past FOLLOWER_WAIT, serve the last good
             # GPU values with fresh Xids rather than hold this scrape on the GPU that keeps the leader.
             try:
-                return flight.result(timeout=max(0.0, min(deadline - self._clock(), FOLLOWER_WAIT)))
+                snap = flight.future.result(timeout=max(0.0, min(deadline - self._clock(), FOLLOWER_WAIT)))
             except FutureTimeout:
-                return self._snapshot(set())
+                snap = self._snapshot(set())
+            deliver(snap, False)
+            return True
         try:
-            snap = self._collect(deadline)
-            flight.set_result(snap)
-            return snap
+            work = self._start(flight, deadline, deliver, inline)
         except BaseException as e:
-            flight.set_exception(e)
+            self._end(flight, None, e)
             raise
-        finally:
-            with self._lock:
-                self._inflight = None
+        if not flight.claim():  # the watchdog took it over while a driver call held this thread
+            flight.delivered.wait()
+            if (error := flight.future.exception(timeout=0)) is not None:
+                raise error
+            return False
+        self._finish(flight, work, deliver, taken_over=False)
+        return True
 
-    def _collect(self, deadline: float) -> Snapshot:
+    def _start(self, flight: _Flight, deadline: float, deliver: Deliver, inline: bool) -> _Work:
+        """Start every GPU's read; read the fast ones (here, or on the sweep thread) for up to
+        SWEEP_PATIENCE."""
         with self._lock:
             gpus = list(self._gpus)
         last_sweep = self._sweep
         sweep_free = last_sweep is None or last_sweep.done  # a sweep still running is stuck in a hung call
         swept: list[_Gpu] = []
-        pending: dict[int, Future[None]] = {}  # GPUs read on their own threads
+        work = _Work(gpus, None, {}, deadline)  # pending: GPUs read on their own threads
         for gpu in gpus:
             if gpu.read_started is not None:
                 continue  # a read still running (hung) is left alone; the GPU is served stale
@@ -410,18 +478,39 @@ class Collector:
             if sweep_free and sweepable(gpu.reader):
                 swept.append(gpu)
             else:
-                gpu.inflight = pending[gpu.index] = gpu.worker.submit(functools.partial(self._read_gpu, gpu))
-        sweep = None
-        if swept:
-            sweep = self._sweep = _Sweep(swept)
+                gpu.inflight = work.pending[gpu.index] = gpu.worker.submit(functools.partial(self._read_gpu, gpu))
+        if not swept:
+            return work
+        sweep = work.sweep = self._sweep = _Sweep(swept)
+        patience = min(SWEEP_PATIENCE, deadline - self._clock())
+        flight.work, flight.deliver = work, deliver
+        if inline and self._watch(flight, patience):
+            sweep.run(self._read_gpu)
+            self._unwatch(flight)
+        else:
             self._sweeper.post(functools.partial(sweep.run, self._read_gpu))
-            if not sweep.wait(min(SWEEP_PATIENCE, deadline - self._clock())):
-                for gpu in sweep.take_back():  # not started by the sweep yet: each on its own thread now
-                    gpu.inflight = pending[gpu.index] = gpu.worker.submit(functools.partial(self._read_gpu, gpu))
-                sweep.wait(deadline - self._clock())
+            sweep.wait(patience)
+        return work
+
+    def _finish(self, flight: _Flight, work: _Work, deliver: Deliver, taken_over: bool) -> None:
+        try:
+            snap = self._complete(work)
+        except BaseException as e:
+            self._end(flight, None, e)
+            raise
+        self._end(flight, snap, None)
+        deliver(snap, taken_over)
+
+    def _complete(self, work: _Work) -> Snapshot:
+        """Wait for the reads until the deadline; a snapshot with the GPUs that missed it served stale."""
+        deadline, pending, sweep = work.deadline, work.pending, work.sweep
+        if sweep is not None and not sweep.done:
+            for gpu in sweep.take_back():  # not started by the sweep yet: each on its own thread now
+                gpu.inflight = pending[gpu.index] = gpu.worker.submit(functools.partial(self._read_gpu, gpu))
+            sweep.wait(deadline - self._clock())
         done, _ = wait(pending.values(), timeout=max(0.0, deadline - self._clock())) if pending else (set(), set())
         stale = {index for index, f in pending.items() if f not in done}
-        stale |= {g.index for g in gpus if g.read_started is not None and g.index not in pending}
+        stale |= {g.index for g in work.gpus if g.read_started is not None and g.index not in pending}
         if sweep is not None and (stuck := sweep.current) is not None:
             stale.add(stuck.index)  # (taken by the sweep a moment ago, its read_started not yet set)
         if sweep is not None and sweep.error is not None:
@@ -434,10 +523,64 @@ class Collector:
         if stale:
             log.warning("GPU collection missed the deadline; serving last good values",
                         extra={"gpus": sorted(stale)})
-        snap = self._snapshot(stale)
+        return self._snapshot(stale)
+
+    def _end(self, flight: _Flight, snap: Snapshot | None, error: BaseException | None) -> None:
+        if error is None:
+            flight.future.set_result(snap)
+        else:
+            flight.future.set_exception(error)
         with self._lock:
-            self._last = snap
-        return snap
+            if snap is not None:
+                self._last = snap
+            self._inflight = None
+
+    # -- the watchdog over a sweep read in the scrape's own thread --------------------------------
+    def _watch(self, flight: _Flight, patience: float) -> bool:
+        """Set the alarm for this collection; False once the collector is stopping (the alarm closes)."""
+        with self._lock:
+            if self._stop.is_set() or self._alarm is None:
+                return False
+            self._watched = flight
+            self._alarm.set(patience)
+            return True
+
+    def _unwatch(self, flight: _Flight) -> None:
+        """Cancel the alarm, unless a newer collection set it (this thread may come back from a hung
+        call long after its collection was taken over)."""
+        with self._lock:
+            if self._watched is flight:
+                self._watched = None
+                assert self._alarm is not None
+                self._alarm.cancel()
+
+    def _watchdog_loop(self) -> None:
+        alarm = self._alarm
+        assert alarm is not None
+        try:
+            while True:
+                alarm.wait()
+                if self._stop.is_set():
+                    break
+                with self._lock:
+                    flight = self._watched
+                if flight is None or flight.work is None or flight.deliver is None:
+                    continue
+                if not flight.claim(unless_done=flight.work.sweep):
+                    continue  # the sweep ended in time: its own thread finishes the collection
+                log.warning("a driver call holds the scrape's thread; collection taken over")
+                try:
+                    self._finish(flight, flight.work, flight.deliver, taken_over=True)
+                except OSError as e:
+                    log.warning("could not deliver a taken-over collection", extra={"error": str(e)})
+                except Exception:
+                    log.exception("a taken-over collection failed")
+                finally:
+                    flight.delivered.set()
+        finally:
+            with self._lock:  # (_watch sees the stop under this lock, and sets the alarm no more)
+                self._alarm = None
+                alarm.close()
 
     def _snapshot(self, stale: set[int]) -> Snapshot:
         with self._lock:

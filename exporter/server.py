@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import email.utils
+import functools
 import gzip
 import html
 import logging
@@ -19,7 +20,7 @@ from urllib.parse import urlsplit
 
 from . import __version__
 from .exposition import CONTENT_TYPE, BuildInfo, render_chunks
-from .snapshot import Snapshot
+from .snapshot import Deliver, Snapshot
 from .webconfig import WebConfig
 
 log = logging.getLogger("nvml_exporter.http")
@@ -35,6 +36,15 @@ class App:
     build: BuildInfo
     telemetry_path: str = "/metrics"
     collect_timeout: float = 5.0
+    # collect_into(timeout, deliver) -> whether this thread delivered (Collector.collect_into): a scrape
+    # collected in the connection's own thread, delivered by another where a driver call holds it
+    collect_into: Callable[[float, Deliver], bool] | None = None
+
+    def scrape(self, timeout: float, deliver: Deliver) -> bool:
+        if self.collect_into is None:
+            deliver(self.collect(timeout), False)
+            return True
+        return self.collect_into(timeout, deliver)
 
     def scrape_deadline(self, header: str | None) -> float:
         """Prometheus says how long it will wait; leave a tenth of that for rendering and the network."""
@@ -143,6 +153,7 @@ class Connection:
     def __init__(self, sock: socket.socket, peer: Any, app: App):
         self.sock, self.peer, self.app = sock, peer, app
         self._buffer = b""
+        self._ended = False  # a page was sent for this connection from another thread: serve no more
         self._date: tuple[int, str] = (0, "")
 
     def serve(self) -> None:
@@ -168,7 +179,7 @@ class Connection:
                 log.exception("request failed", extra={"peer": self.peer[0], "path": request.target[:200]})
                 self._text(request, 500, b"Internal Server Error\n", close=True)
                 return
-            if not keep:
+            if not keep or self._ended:
                 return
 
     def _read_request(self) -> Request | None:
@@ -228,8 +239,8 @@ class Connection:
             return
         path = request.path
         if path == app.telemetry_path:
-            snap = app.collect(app.scrape_deadline(request.headers.get("x-prometheus-scrape-timeout-seconds")))
-            self._send(request, 200, render_chunks(snap, app.build), CONTENT_TYPE, close=close)
+            deadline = app.scrape_deadline(request.headers.get("x-prometheus-scrape-timeout-seconds"))
+            self._ended = not app.scrape(deadline, functools.partial(self._page, request, close))
         elif path == "/":
             self._send(request, 200, app.landing_page(), "text/html; charset=utf-8", close=close)
         elif path == "/-/healthy":
@@ -243,6 +254,12 @@ class Connection:
             self._text(request, 404, b"Not Found\n", close)
         if log.isEnabledFor(logging.DEBUG):  # every scrape passes here: format only what is logged
             log.debug("request", extra={"peer": self.peer[0], "method": request.method, "path": path[:200]})
+
+    def _page(self, request: Request, close: bool, snap: Snapshot, taken_over: bool) -> None:
+        """Send the metrics page. Taken over (sent by the collector's watchdog while a driver call holds
+        this connection's thread), it closes the connection: the client's next scrape must not wait
+        on that thread."""
+        self._send(request, 200, render_chunks(snap, self.app.build), CONTENT_TYPE, close=close or taken_over)
 
     def _text(self, request: Request | None, code: int, body: bytes, close: bool,
               extra: dict[str, str] | None = None) -> None:

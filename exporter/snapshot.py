@@ -5,7 +5,7 @@ Nothing here talks to NVML or knows about HTTP. Values are already in base units
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -62,3 +62,7 @@ class Snapshot:
     state: ExporterState
     taken_at: float = 0.0  # monotonic time the collection finished
 
+
+
+# Takes a collection's snapshot, and whether it was taken over from a thread a driver call holds.
+Deliver = Callable[[Snapshot, bool], None]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import concurrent.futures
+import http.client
 import shutil
 import time
 from pathlib import Path
@@ -90,8 +91,15 @@ def test_hung_call_never_holds_a_scrape_past_its_deadline(fake: FakeNvml, start_
     fake.set({"gpu.2.latency_us.nvmlDeviceGetTemperature": 30_000_000, "gpu.2.temp": 80, "gpu.5.temp": 81})
     time.sleep(0.05)  # past --collect.min-interval, so the next scrape collects
     started = time.monotonic()
-    page = exp.metrics(headers={"X-Prometheus-Scrape-Timeout-Seconds": "2"})
+    conn = http.client.HTTPConnection("127.0.0.1", exp.port, timeout=20)  # kept alive, as Prometheus does
+    conn.request("GET", "/metrics", headers={"X-Prometheus-Scrape-Timeout-Seconds": "2"})
+    response = conn.getresponse()
+    page = response.read().decode()
     assert time.monotonic() - started < 10  # bounded by the 2 s deadline, not by the 30 s hang
+    # The hung call holds the thread that had this connection: the page closes it, so that the next
+    # scrape comes on a new connection rather than wait behind the hang.
+    assert (response.status, response.getheader("Connection")) == (200, "close")
+    conn.close()
     s = samples(page)
     assert s[f'nvidia_gpu_temperature_celsius{{gpu="2",uuid="{uuid2}"}}'] == 62  # last good value
     assert s[f'nvidia_gpu_up{{gpu="2",uuid="{uuid2}"}}'] == 1
