@@ -40,6 +40,8 @@ SECONDS_PER_CASE = float(os.environ.get("BENCH_SECONDS", "6"))  # per exporter a
 ROUNDS = int(os.environ.get("BENCH_ROUNDS", "6"))  # blocks each, in turn
 NVITOP = os.environ.get("NVITOP_EXPORTER", str(REPO / "build" / "bench-venv" / "bin" / "nvitop-exporter"))
 CREF = REPO / "build" / "cref" / "cref"
+RSS_SCRAPES = int(os.environ.get("BENCH_RSS_SCRAPES", "10000"))  # RSS read at scrape 1,000 and at this one
+RSS_GOALS = {8: "≤ 30, flat", 64: "≤ 40, flat"}
 
 
 def cpu_seconds(pid: int) -> float:
@@ -327,8 +329,7 @@ def main() -> int:
             case["nvitop"] = nvitop_case(fake, SECONDS_PER_CASE)
             results["cases"].append(case)
             print(f"  measured {gpus} GPUs, {lat} µs/call", file=sys.stderr)
-        results["rss"] = [rss_case(8, 10_000, tmp), rss_case(64, int(os.environ.get("BENCH_RSS_SCRAPES_64", "3000")),
-                                                          tmp)]
+        results["rss"] = [rss_case(gpus, RSS_SCRAPES, tmp) for gpus in (1, 8, 64)]
         results["latency_200us"] = latency_case(tmp)
         results["concurrency"] = concurrency_case(tmp)
     (HERE / "results.json").write_text(json.dumps(results, indent=2) + "\n")
@@ -379,7 +380,7 @@ def report(r: dict[str, Any]) -> str:
     for x in r["rss"]:
         last = next(k for k in x if k.startswith("rss_mib_at_") and k != "rss_mib_at_1000")
         lines.append(f"| RSS at {x['gpus']} GPUs, scrape 1,000 → {x['scrapes']:,} (MiB) | "
-                     f"{x['rss_mib_at_1000']:.1f} → {x[last]:.1f} | ≤ {30 if x['gpus'] == 8 else 40}, flat |")
+                     f"{x['rss_mib_at_1000']:.1f} → {x[last]:.1f} | {RSS_GOALS.get(x['gpus'], 'flat (no size set)')} |")
     cc = r["concurrency"]
     many, one = cc["nvml_calls_per_s_100_scrapers"], cc["nvml_calls_per_s_1_scrapers"]
     lines.append(f"| NVML calls/s, 100 scrapers vs 1 (ratio) | {many:.1f} vs {one:.1f} ({many / one:.3f}) | "
