@@ -12,12 +12,11 @@ threads), wall_us_per_collection, bytes.
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import sys
 import time
 
-from nvml_exporter.cli import _one_malloc_arena
+from nvml_exporter.cli import _freeze_startup_objects, _one_malloc_arena
 from nvml_exporter.collector import Collector
 from nvml_exporter.exposition import BuildInfo, render_chunks
 from nvml_exporter.nvml import Library
@@ -44,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
         if not collector.initialised.wait(TIMEOUT):
             print(f"collect_render: NVML did not come up: {collector.last_init_error}", file=sys.stderr)
             return 1
-        gc.freeze()  # as the server does once the GPUs are attached
+        _freeze_startup_objects(collector)  # as the server does once the GPUs are attached
         build = BuildInfo.detect()
         for _ in range(min(20, args.n)):  # first reads plan the field decoding and fill the caches
             collector.collect_into(TIMEOUT, deliver)

@@ -170,8 +170,6 @@ class _Flight:
 
     def __init__(self) -> None:
         self.future: Future[Snapshot] = Future()
-        self.work: _Work | None = None  # what the watchdog needs to finish it
-        self.deliver: Deliver | None = None
         self.delivered = threading.Event()  # set once the watchdog has delivered it, where it took it over
         self._claim = threading.Lock()
         self._claimed = False
@@ -219,7 +217,8 @@ class Collector:
         self._sweeper = _Worker("nvml-sweep")
         self._sweep: _Sweep | None = None
         self._alarm = Alarm.create()
-        self._watched: _Flight | None = None  # the collection whose sweep runs in a scrape's thread
+        # the collection whose sweep runs in a scrape's thread, with what the watchdog needs to finish it
+        self._watched: tuple[_Flight, _Work, Deliver] | None = None
         self._watchdog: threading.Thread | None = None
         self._stop = threading.Event()
         self._manager: threading.Thread | None = None
@@ -483,8 +482,7 @@ class Collector:
             return work
         sweep = work.sweep = self._sweep = _Sweep(swept)
         patience = min(SWEEP_PATIENCE, deadline - self._clock())
-        flight.work, flight.deliver = work, deliver
-        if inline and self._watch(flight, patience):
+        if inline and self._watch((flight, work, deliver), patience):
             sweep.run(self._read_gpu)
             self._unwatch(flight)
         else:
@@ -536,12 +534,12 @@ class Collector:
             self._inflight = None
 
     # -- the watchdog over a sweep read in the scrape's own thread --------------------------------
-    def _watch(self, flight: _Flight, patience: float) -> bool:
+    def _watch(self, watched: tuple[_Flight, _Work, Deliver], patience: float) -> bool:
         """Set the alarm for this collection; False once the collector is stopping (the alarm closes)."""
         with self._lock:
             if self._stop.is_set() or self._alarm is None:
                 return False
-            self._watched = flight
+            self._watched = watched
             self._alarm.set(patience)
             return True
 
@@ -549,7 +547,7 @@ class Collector:
         """Cancel the alarm, unless a newer collection set it (this thread may come back from a hung
         call long after its collection was taken over)."""
         with self._lock:
-            if self._watched is flight:
+            if self._watched is not None and self._watched[0] is flight:
                 self._watched = None
                 assert self._alarm is not None
                 self._alarm.cancel()
@@ -563,15 +561,16 @@ class Collector:
                 if self._stop.is_set():
                     break
                 with self._lock:
-                    flight = self._watched
-                if flight is None or flight.work is None or flight.deliver is None:
+                    watched = self._watched
+                if watched is None:
                     continue
-                if not flight.claim(unless_done=flight.work.sweep):
+                flight, work, deliver = watched
+                if not flight.claim(unless_done=work.sweep):
                     continue  # the sweep ended in time: its own thread finishes the collection
                 # (a hung call, or a thread the machine held up: a hung one also shows as a missed deadline)
                 log.info("reading fast GPUs took the scrape's thread past SWEEP_PATIENCE; collection taken over")
                 try:
-                    self._finish(flight, flight.work, flight.deliver, taken_over=True)
+                    self._finish(flight, work, deliver, taken_over=True)
                 except OSError as e:
                     log.warning("could not deliver a taken-over collection", extra={"error": str(e)})
                 except Exception:
