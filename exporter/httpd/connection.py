@@ -5,7 +5,6 @@ from __future__ import annotations
 import email.utils
 import gzip
 import logging
-import select
 import socket
 import ssl
 import time
@@ -100,26 +99,16 @@ class Connection:
                 return
 
     def _handshake(self) -> bool:
-        """The TLS handshake, here in the connection's own thread (never the accept loop's), bounded by
-        the first request's deadline however slowly the client sends: non-blocking, each wait a select
-        on what is left of the deadline."""
-        sock = self.sock
-        assert isinstance(sock, ssl.SSLSocket)
-        sock.setblocking(False)
-        try:
-            while True:
-                left = self._deadline - time.monotonic()
-                if left <= 0:
-                    raise TimeoutError("TLS handshake not done in time")
-                try:
-                    sock.do_handshake()
-                    return True
-                except ssl.SSLWantReadError:
-                    select.select([sock], [], [], left)
-                except ssl.SSLWantWriteError:
-                    select.select([], [sock], [], left)
-        finally:
-            sock.setblocking(True)
+        """The TLS handshake, here in the connection's own thread (never the accept loop's), within the
+        first request's deadline: ssl takes a socket timeout as the whole handshake's limit, however
+        slowly the client sends (Python >= 3.5)."""
+        left = self._deadline - time.monotonic()
+        if left <= 0:
+            return False
+        self.sock.settimeout(left)
+        assert isinstance(self.sock, ssl.SSLSocket)
+        self.sock.do_handshake()
+        return True
 
     def _recv(self, deadline: float, what: str) -> bytes:
         left = deadline - time.monotonic()
