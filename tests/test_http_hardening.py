@@ -169,7 +169,8 @@ def test_h2_a_trickled_tls_handshake_is_cut_off_at_the_deadline(tls: tuple[ssl.S
     the slot."""
     server_ctx, client_ctx = tls
     hello = _client_hello(client_ctx)
-    with exporter(WebConfig(ssl_context=server_ctx), Limits(request_timeout=0.5, max_connections=1)) as (port, _, server):
+    limits = Limits(request_timeout=0.5, max_connections=1)
+    with exporter(WebConfig(ssl_context=server_ctx), limits) as (port, _, server):
         with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
             started, closed = time.monotonic(), False
             for byte in hello[:-1]:  # never the last byte: the handshake can never finish
