@@ -39,6 +39,8 @@ class Exchange:
                 headers: Mapping[str, str] | None = None, close: bool = False) -> None:
         """Send the answer (once): a list of byte blocks goes out without being joined. The connection
         closes after it when `close`, when the client asked, or when the status is one of CLOSES."""
+        if self._answered:
+            raise RuntimeError("a request answered twice")
         self._answered = True
         self._conn.send(self.request, status, body, content_type, headers, close)
 
