@@ -586,3 +586,18 @@ def test_m2_out_of_file_descriptors_the_accept_loop_pauses_instead_of_spinning()
             c.close()
         proc.kill()
         proc.wait(10)
+
+
+def test_a_413_reaches_a_client_that_sent_its_whole_oversized_body() -> None:
+    """Not a finding (loopback delivers an answer ahead of a reset, so the old code passed too): the 413
+    for a body over the limit reaches a client that already sent that body. Over a real network closing
+    with the body unread can reset the connection under the answer; the layer half-closes and reads and
+    drops what still comes, for a moment, before it closes — this runs that path."""
+    with exporter() as (port, _, _):
+        for _ in range(5):
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+                s.sendall(b"GET /metrics HTTP/1.1\r\nContent-Length: 300000\r\n\r\n" + b"x" * 300000)
+                out = b""
+                while chunk := s.recv(65536):
+                    out += chunk
+            assert status(out) == 413 and b"Connection: close\r\n" in out
