@@ -159,7 +159,8 @@ EXPORTER_METRICS: tuple[Metric, ...] = (
     Metric("nvml_exporter_collect_duration_seconds", GAUGE, "Time the last collection of each GPU took.",
            ("gpu",), per_gpu=False),
     Metric("nvml_exporter_collect_timeouts_total", COUNTER,
-           "Collections of a GPU that missed the scrape deadline; the scrape served its last good values.",
+           "Collections of a GPU that missed the scrape deadline; the scrape served its last good values. "
+           "A GPU has a series from its first timeout on (served at 0 first).",
            ("gpu",), per_gpu=False, sparse=True, budget=0),
     Metric("nvml_exporter_nvml_errors_total", COUNTER, "NVML calls that failed, by function and error.",
            ("function", "error"), per_gpu=False, budget=0),
