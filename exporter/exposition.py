@@ -106,7 +106,8 @@ def _exporter_samples(metric: Metric, snap: Snapshot, build: BuildInfo) -> Itera
         case "nvml_exporter_collect_timeouts_total":
             # A GPU's series from its first timeout on, served at 0 first (the collector), so that the first
             # timeout is an increase().
-            series = [((gpu,), float(n)) for gpu, n in sorted(s.timeouts.items(), key=lambda kv: int(kv[0]))]
+            served = s.timeouts if s.served_timeouts is None else s.served_timeouts
+            series = [((gpu,), float(n)) for gpu, n in sorted(served.items(), key=lambda kv: int(kv[0]))]
         case "nvml_exporter_nvml_errors_total":
             series = [(key, float(n)) for key, n in sorted(s.nvml_errors.items())]
         case "nvml_exporter_invalid_readings_total":
