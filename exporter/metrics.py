@@ -175,7 +175,16 @@ EXPORTER_METRICS: tuple[Metric, ...] = (
 )
 
 ALL_METRICS: tuple[Metric, ...] = GPU_METRICS + EXPORTER_METRICS
+BUDGET_LIMIT = 50  # series per GPU on a healthy node (issue 14: ~10,000 GPUs on one Prometheus)
+DEMO_GPUS = 8
 BY_NAME: dict[str, Metric] = {m.name: m for m in ALL_METRICS}
+
+
+def budget_per_gpu(gpus: int = DEMO_GPUS) -> float:
+    """Series per GPU the budgets add up to on a node of `gpus` GPUs (node-wide families shared out)."""
+    per_gpu = sum(m.budget for m in ALL_METRICS if m.per_gpu or "gpu" in m.labels)
+    per_node = sum(m.budget for m in ALL_METRICS if not (m.per_gpu or "gpu" in m.labels))
+    return per_gpu + per_node / gpus
 
 
 def render_markdown() -> str:
@@ -190,12 +199,47 @@ def render_markdown() -> str:
         "`nvidia_gpu_up 0`, `nvidia_gpu_info` (so you know which board it is), its Xid counters and its",
         "diagnosis, and drops everything else.",
         "",
-        "| metric | type | labels | help | NVML source |",
-        "|---|---|---|---|---|",
+        "## Cardinality budget",
+        "",
+        f"A healthy node serves at most {BUDGET_LIMIT} series per GPU, every family and the exporter's own",
+        "included. The budget column below is what each family serves per GPU on the `make demo` page (8",
+        "H100 SXM5 under load, `tests/fakenvml/scenarios/h100x8.conf`; per node for a family without a `gpu`",
+        f"label); they add up to **{budget_per_gpu():g} series per GPU**, which is what that page measures:",
+        "`tests/test_cardinality.py` fails when the page and these budgets part, or the page passes",
+        f"{BUDGET_LIMIT} per GPU, and prints the count of every family. A board without something (fans,",
+        "page retirement, NVLink) serves less; a fan adds one series. (Before the budget the same page",
+        "served 156 series per GPU, 84 of them per-link NVLink series.)",
+        "",
+        "Health signal is not given up for it:",
+        "",
+        "- **NVLink**: every GPU always serves its links by state (`nvidia_gpu_nvlink_links{state=\"up\"|\"down\"}`)",
+        "  and its errors summed over its links by type (`nvidia_gpu_nvlink_errors_total{type}`). A link's",
+        "  detail (`nvidia_gpu_nvlink_link_up{link}`, `nvidia_gpu_nvlink_link_errors_total{link,type}`) is",
+        "  served once the link has been down or counted an error since the exporter started (a link with",
+        "  errors already at start included), and from then on, so that the technician sees which link. A",
+        "  link that turns faulty after start has its counters served at 0 first, for one second, then",
+        "  with their count: `increase()` and `rate()` see its first errors. `--collect.nvlink.per-link`",
+        "  serves every link's detail. The per-GPU total never drops because a link went down (its",
+        "  counters stop answering): a link counts with its last reading, and a link whose counter goes",
+        "  back keeps what it had counted in the total. A GPU without NVLink serves no NVLink family.",
+        "- **Sparse families** (marked below): a series whose value is 0 on a healthy GPU (an error",
+        "  counter, a throttle reason, a diagnosis check that is ok, an idle video engine) is served",
+        "  once it has been non-zero since the exporter started, and from then on (it never comes and",
+        "  goes). A counter that turns non-zero after start is served at 0 first, for one second, as new",
+        "  Xid series are. So an absent series of a sparse family reads as 0; `nvidia_gpu_ecc_enabled`",
+        "  says whether the ECC counters are read at all, and `nvidia_gpu_recommended_action{action=\"none\"}`",
+        "  is every GPU's verdict when no check is off. `nvml_exporter_collect_timeouts_total{gpu}` is",
+        "  served the same way, from a GPU's first timeout on.",
+        "- Xid and other NVML event counters appear with the first event (at 0 first for a live one).",
+        "",
+        "| metric | type | labels | budget per GPU | sparse | help | NVML source |",
+        "|---|---|---|---|---|---|---|",
     ]
     for m in ALL_METRICS:
         labels = ", ".join((("gpu", "uuid") if m.per_gpu else ()) + m.labels) or "—"
-        lines.append(f"| `{m.name}` | {m.type} | {labels} | {m.help} | {m.source or '—'} |")
+        where = "" if m.per_gpu or "gpu" in m.labels else " per node"
+        lines.append(f"| `{m.name}` | {m.type} | {labels} | {m.budget}{where} | {'sparse' if m.sparse else ''} "
+                     f"| {m.help} | {m.source or '—'} |")
     return "\n".join(lines) + "\n"
 
 
