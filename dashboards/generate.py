@@ -160,9 +160,12 @@ def node() -> dict:
                                                                    "GPU {{gpu}} persistence")], w=12),
         panel("timeseries", "Utilization", [(f"nvidia_gpu_utilization_ratio{{{s}}}", "GPU {{gpu}}"),
                                             (f"nvidia_gpu_memory_utilization_ratio{{{s}}}", "GPU {{gpu}} memory"),
-                                            (f"nvidia_gpu_encoder_utilization_ratio{{{s}}}", "GPU {{gpu}} encoder"),
-                                            (f"nvidia_gpu_decoder_utilization_ratio{{{s}}}", "GPU {{gpu}} decoder")],
-              unit="percentunit", w=12),
+                                            (f"nvidia_gpu_encoder_utilization_ratio{{{s}}} or "
+                                             f"0 * nvidia_gpu_utilization_ratio{{{s}}}", "GPU {{gpu}} encoder"),
+                                            (f"nvidia_gpu_decoder_utilization_ratio{{{s}}} or "
+                                             f"0 * nvidia_gpu_utilization_ratio{{{s}}}", "GPU {{gpu}} decoder")],
+              unit="percentunit", w=12,
+              description="Video engines are served once used since the exporter started; until then they show 0."),
         row("Memory and ECC"),
         panel("timeseries", "Device memory", [(f"nvidia_gpu_memory_used_bytes{{{s}}}", "GPU {{gpu}} used"),
                                               (f"nvidia_gpu_memory_free_bytes{{{s}}}", "GPU {{gpu}} free"),
@@ -206,9 +209,9 @@ def node() -> dict:
         panel("timeseries", "Collection time per GPU", [(f"nvml_exporter_collect_duration_seconds{{{NODE}}}",
                                                          "{{instance}} GPU {{gpu}}")], unit="s", w=6),
         panel("timeseries", "Collections past the deadline",
-              [(f"increase(nvml_exporter_collect_timeouts_total{{{NODE}}}[$__rate_interval])",
-                "{{instance}} GPU {{gpu}}")],
-              w=6),
+              [(f"increase(nvml_exporter_collect_timeouts_total{{{NODE}}}[$__rate_interval]) or "
+                f"0 * nvml_exporter_collect_duration_seconds{{{NODE}}}", "{{instance}} GPU {{gpu}}")],
+              w=6, description="A GPU's counter appears with its first timeout; until then it shows 0."),
         panel("timeseries", "NVML errors", [(f"nvml_exporter_nvml_errors_total{{{NODE}}}", "{{function}} {{error}}")],
               w=6),
         panel("stat", "NVML, journal, last collection",
