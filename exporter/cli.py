@@ -88,6 +88,10 @@ def build_parser() -> argparse.ArgumentParser:
                    metavar="DURATION",
                    help="refresh of thresholds, limits, persistence and ECC mode, ECC aggregates, retired pages and "
                         "remapped rows (default 30s)")
+    p.add_argument("--collect.nvlink.per-link", dest="nvlink_per_link", action="store_true",
+                   help="serve every NVLink link's state and error counters; by default only links that are or "
+                        "were down or counted errors since the exporter started (the per-GPU totals are always "
+                        "served)")
     p.add_argument("--nvml.library", dest="library", metavar="PATH",
                    help="load this libnvidia-ml.so.1 instead of the one the dynamic linker finds")
     p.add_argument("--xid.journal", dest="journal", action=argparse.BooleanOptionalAction, default=True,
@@ -117,7 +121,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"--web.config.file: {e}")
 
     collector = Collector(Library(args.library), min_interval=args.min_interval,
-                          slow_interval=args.slow_interval, journal=args.journal, journal_path=args.journal_path)
+                          slow_interval=args.slow_interval, journal=args.journal, journal_path=args.journal_path,
+                          nvlink_per_link=args.nvlink_per_link)
     app = App(collect=collector.collect, ready=collector.initialised.is_set, web=web, build=BuildInfo.detect(),
               telemetry_path=args.path, collect_timeout=args.timeout, collect_into=collector.collect_into)
     host, port = args.listen

@@ -37,6 +37,7 @@ from .journal import JournalFollower, pci_key
 from .metrics import BY_NAME
 from .nvml import GpuLost, GpuReader, Library, NvmlError, error_name
 from .snapshot import Deliver, ExporterState, GpuIdentity, GpuSnapshot, Snapshot, Values
+from .sparse import NvlinkTotals, Reveal, ZeroFirst
 from .xidstore import XidStore
 
 log = logging.getLogger("nvml_exporter.collector")
@@ -99,6 +100,7 @@ class _Gpu:
     failed: dict[str, str] = field(default_factory=dict)  # those of the read in progress
     passed: dict[str, Mapping[tuple[str, ...], float]] = field(default_factory=dict)  # that passed _sanitize
     duration: float = 0.0
+    nvlink: NvlinkTotals = field(default_factory=NvlinkTotals)  # kept across a GPU's loss and return
     inflight: Future[None] | None = None
     read_started: float | None = None  # monotonic start of the read in progress
 
@@ -195,6 +197,8 @@ class Collector:
         journal: bool = True,
         journal_path: str | None = None,
         events: bool = True,
+        sparse: bool = True,
+        nvlink_per_link: bool = False,
         clock: Callable[[], float] = time.monotonic,
         wall: Callable[[], float] = time.time,
     ):
@@ -227,6 +231,11 @@ class Collector:
         self.last_init_error = ""
         self.xids = XidStore(clock=wall)
         self._prev: dict[int, tuple[GpuSnapshot, float]] = {}
+        # Sparse families and NVLink per-link detail (sparse.py), per GPU UUID; off for a one-shot diagnosis.
+        self._sparse = sparse
+        self._nvlink_per_link = nvlink_per_link
+        self._reveals: dict[str, Reveal] = {}
+        self._timeouts_served = ZeroFirst()
         self._events = EventWatcher(self.attached, self.xids, self._count_error, clock=wall) if events else None
         self._journal = (JournalFollower(self.xids, self.resolve_pci, journal_path, ready=self.initialised)
                          if journal else None)
@@ -340,6 +349,7 @@ class Collector:
             values: Values = {**gpu.base, **fast}
             for name in gpu.slow.keys() & fast.keys():  # a family read in two tiers (ECC: volatile, aggregate)
                 values[name] = {**gpu.slow[name], **fast[name]}
+            gpu.nvlink.apply(values)
             with self._lock:
                 gpu.last, gpu.up = values, True
         except GpuLost as e:
@@ -603,6 +613,7 @@ class Collector:
                 driver_version=self._driver_version,
                 nvml_errors=dict(self._errors),
                 timeouts=dict(self._timeouts),
+                served_timeouts=self._timeouts_served.served(self._timeouts, mono),
                 invalid_readings=dict(self._invalid),
                 last_collect_timestamp=self._wall(),
                 journal_up=self._journal_up(),
@@ -651,5 +662,10 @@ class Collector:
         for name, count in sorted(self.xids.events(uuid).items()):
             values.setdefault("nvidia_gpu_nvml_events_total", {})[(name,)] = float(count)
         values.update(d.series)
+        if self._sparse:
+            reveal = self._reveals.get(uuid)
+            if reveal is None:
+                reveal = self._reveals[uuid] = Reveal(per_link=self._nvlink_per_link)
+            reveal.apply(values, mono, g.up)
         return GpuSnapshot(identity=g.identity, up=g.up, values=values, errors=g.errors, stale=g.stale,
                            collect_seconds=g.collect_seconds, diagnosis=d)

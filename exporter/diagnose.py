@@ -62,8 +62,8 @@ def _readings(g: GpuSnapshot) -> dict[str, Any]:
                  "max_generation": v("nvidia_gpu_pcie_link_max_generation"),
                  "width": v("nvidia_gpu_pcie_link_width"), "max_width": v("nvidia_gpu_pcie_link_max_width"),
                  "replays": v("nvidia_gpu_pcie_replay_errors_total")},
-        "nvlink": {"links": len(g.values.get("nvidia_gpu_nvlink_up", {})),
-                   "down": sorted(int(k[0]) for k, val in g.values.get("nvidia_gpu_nvlink_up", {}).items()
+        "nvlink": {"links": int(sum(g.values.get("nvidia_gpu_nvlink_links", {}).values())),
+                   "down": sorted(int(k[0]) for k, val in g.values.get("nvidia_gpu_nvlink_link_up", {}).items()
                                   if val == 0),
                    "errors": sum(g.values.get("nvidia_gpu_nvlink_errors_total", {}).values())},
         "recovery_action": v("nvidia_gpu_recovery_action"),
@@ -178,7 +178,8 @@ def main(argv: Sequence[str]) -> int:
     args = p.parse_args(argv)
     assert set(EXIT) >= set(SEVERITIES) - {"info"}
 
-    collector = Collector(Library(args.library), min_interval=0.0, events=False, journal=args.journal,
+    # sparse=False: a one-shot report lists every reading (every link, every counter), not the page's selection
+    collector = Collector(Library(args.library), min_interval=0.0, events=False, journal=args.journal, sparse=False,
                           journal_path=args.journal_path, init_backoff=(args.timeout, args.timeout))
     collector.start()
     collector.tried.wait(args.timeout)

@@ -125,8 +125,7 @@ def _gen_degraded(g: GpuSnapshot) -> float | None:
 
 
 def _links_down(g: GpuSnapshot) -> float | None:
-    down = sum(1 for v in g.values.get("nvidia_gpu_nvlink_up", {}).values() if v == 0)
-    return float(down) if down else None
+    return _when(_v(g, "nvidia_gpu_nvlink_links", "down"), lambda v: v > 0)
 
 
 SNAPSHOT_RULES: tuple[Rule, ...] = (
@@ -189,26 +188,10 @@ def _rate_findings(g: GpuSnapshot, prev: GpuSnapshot | None, seconds: float) -> 
 
 
 def _link_errors(g: GpuSnapshot) -> tuple[float, float]:
-    """(replay + recovery, crc_flit + crc_data) over all links. A collection's totals serve twice (now,
-    and as the previous collection next time), and NVLink counters rarely move: the last two per GPU
-    are remembered with their series (held, so that an identity cannot be reused), and series equal to
-    a remembered one (compared in C) reuse its totals."""
+    """(replay + recovery, crc_flit + crc_data) over all links, from the GPU's per-type totals."""
     series = g.values.get("nvidia_gpu_nvlink_errors_total", _NONE)
-    known = _LINK_TOTALS.get(g.identity.uuid, ())
-    for seen, totals in known:
-        if seen is series:
-            return totals
-    totals = next((t for seen, t in known if seen == series), None)
-    if totals is None:
-        faults = float(sum(map(series.get, _FAULT_KEYS, _ZEROS)))
-        totals = (faults, sum(series.values()) - faults)
-    _LINK_TOTALS[g.identity.uuid] = ((series, totals), *known[:1])
-    return totals
-
-
-_FAULT_KEYS = tuple((str(link), kind) for link in range(64) for kind in ("replay", "recovery"))
-_ZEROS = (0.0,) * len(_FAULT_KEYS)
-_LINK_TOTALS: dict[str, tuple[tuple[Mapping[tuple[str, ...], float], tuple[float, float]], ...]] = {}
+    return (series.get(("replay",), 0.0) + series.get(("recovery",), 0.0),
+            series.get(("crc_flit",), 0.0) + series.get(("crc_data",), 0.0))
 
 
 # Every family SNAPSHOT_RULES read (tests/test_diagnosis.py holds the rules to this list).
@@ -218,7 +201,7 @@ RULE_INPUTS: tuple[str, ...] = (
     "nvidia_gpu_clock_event_active", "nvidia_gpu_temperature_celsius", "nvidia_gpu_memory_temperature_celsius",
     "nvidia_gpu_temperature_threshold_celsius", "nvidia_gpu_power_limit_watts", "nvidia_gpu_power_default_limit_watts",
     "nvidia_gpu_pcie_link_width", "nvidia_gpu_pcie_link_max_width", "nvidia_gpu_pcie_link_generation",
-    "nvidia_gpu_pcie_link_max_generation", "nvidia_gpu_nvlink_up",
+    "nvidia_gpu_pcie_link_max_generation", "nvidia_gpu_nvlink_links",
 )
 
 

@@ -104,8 +104,10 @@ def _exporter_samples(metric: Metric, snap: Snapshot, build: BuildInfo) -> Itera
         case "nvml_exporter_collect_duration_seconds":
             series = [((str(g.identity.index),), g.collect_seconds) for g in snap.gpus]
         case "nvml_exporter_collect_timeouts_total":
-            # Every GPU gets a series from the start, so the first timeout is an increase().
-            series = [((str(g.identity.index),), float(s.timeouts.get(str(g.identity.index), 0))) for g in snap.gpus]
+            # A GPU's series from its first timeout on, served at 0 first (the collector), so that the first
+            # timeout is an increase().
+            served = s.timeouts if s.served_timeouts is None else s.served_timeouts
+            series = [((gpu,), float(n)) for gpu, n in sorted(served.items(), key=lambda kv: int(kv[0]))]
         case "nvml_exporter_nvml_errors_total":
             series = [(key, float(n)) for key, n in sorted(s.nvml_errors.items())]
         case "nvml_exporter_invalid_readings_total":

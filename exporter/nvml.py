@@ -115,18 +115,20 @@ ECC_FIELD_IDS = frozenset({3, 4, 5, 6})
 
 @functools.cache  # shared by every GPU: 64 GPUs x 18 links x 5 fields would otherwise be 6,000 objects
 def nvlink_fields(link: int) -> tuple[Field, ...]:
-    """Per-link fields. Link-scoped ids take the link in scopeId; CRC-data only has per-link ids for 0-11."""
+    """Per-link fields. Link-scoped ids take the link in scopeId; CRC-data only has per-link ids for 0-11.
+    The reader hands out every link; the collector sums them per GPU and keeps the detail of faulty links
+    (exporter/sparse.py)."""
     lk = str(link)
     fields = [
-        Field(165, "nvidia_gpu_nvlink_up", (lk,), scope=link, link=True),
-        Field(163, "nvidia_gpu_nvlink_errors_total", (lk, "crc_flit"), scope=link, link=True),
-        Field(161, "nvidia_gpu_nvlink_errors_total", (lk, "replay"), scope=link, link=True),
-        Field(162, "nvidia_gpu_nvlink_errors_total", (lk, "recovery"), scope=link, link=True),
+        Field(165, "nvidia_gpu_nvlink_link_up", (lk,), scope=link, link=True),
+        Field(163, "nvidia_gpu_nvlink_link_errors_total", (lk, "crc_flit"), scope=link, link=True),
+        Field(161, "nvidia_gpu_nvlink_link_errors_total", (lk, "replay"), scope=link, link=True),
+        Field(162, "nvidia_gpu_nvlink_link_errors_total", (lk, "recovery"), scope=link, link=True),
     ]
     if link < 6:
-        fields.append(Field(39 + link, "nvidia_gpu_nvlink_errors_total", (lk, "crc_data"), link=True))
+        fields.append(Field(39 + link, "nvidia_gpu_nvlink_link_errors_total", (lk, "crc_data"), link=True))
     elif link < 12:
-        fields.append(Field(102 + link - 6, "nvidia_gpu_nvlink_errors_total", (lk, "crc_data"), link=True))
+        fields.append(Field(102 + link - 6, "nvidia_gpu_nvlink_link_errors_total", (lk, "crc_data"), link=True))
     return tuple(fields)
 
 

@@ -51,6 +51,8 @@ class ExporterState:
     driver_version: str = ""
     nvml_errors: Mapping[tuple[str, str], int] = field(default_factory=dict)
     timeouts: Mapping[str, int] = field(default_factory=dict)
+    # What the page serves of them: a GPU from its first timeout on, at 0 first (None: timeouts as they are)
+    served_timeouts: Mapping[str, int] | None = None
     invalid_readings: Mapping[str, int] = field(default_factory=dict)
     last_collect_timestamp: float = 0.0
     journal_up: bool | None = None  # None until the journal has been tried

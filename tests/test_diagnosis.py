@@ -37,9 +37,8 @@ def healthy() -> Values:
         "nvidia_gpu_pcie_link_generation": {(): 5.0}, "nvidia_gpu_pcie_link_max_generation": {(): 5.0},
         "nvidia_gpu_pcie_link_width": {(): 16.0}, "nvidia_gpu_pcie_link_max_width": {(): 16.0},
         "nvidia_gpu_pcie_replay_errors_total": {(): 150.0},
-        "nvidia_gpu_nvlink_up": {(str(link),): 1.0 for link in range(18)},
-        "nvidia_gpu_nvlink_errors_total": {(str(link), t): 0.0 for link in range(18)
-                                           for t in ("crc_flit", "crc_data", "replay", "recovery")},
+        "nvidia_gpu_nvlink_links": {("up",): 18.0, ("down",): 0.0},
+        "nvidia_gpu_nvlink_errors_total": {(t,): 0.0 for t in ("replay", "recovery", "crc_flit", "crc_data")},
         "nvidia_gpu_recovery_action": {(): 0.0},
     }
 
@@ -104,11 +103,12 @@ CASES = [
      "warning", "rma_eval"),
     ("pcie-few-replays", gpu(changed(nvidia_gpu_pcie_replay_errors_total={(): 160.0})), [], healthy(), "pcie",
      "ok", "none"),
-    ("nvlink-down", gpu(changed(nvidia_gpu_nvlink_up={("4",): 0.0})), [], None, "nvlink", "critical",
+    ("nvlink-down", gpu(changed(nvidia_gpu_nvlink_links={("up",): 17.0, ("down",): 1.0})), [], None, "nvlink",
+     "critical",
      "check_nvlink"),
-    ("nvlink-replays", gpu(changed(nvidia_gpu_nvlink_errors_total={("3", "replay"): 2.0})), [], healthy(), "nvlink",
+    ("nvlink-replays", gpu(changed(nvidia_gpu_nvlink_errors_total={("replay",): 2.0})), [], healthy(), "nvlink",
      "warning", "check_nvlink"),
-    ("nvlink-crc", gpu(changed(nvidia_gpu_nvlink_errors_total={("3", "crc_flit"): 12_000.0})), [], healthy(),
+    ("nvlink-crc", gpu(changed(nvidia_gpu_nvlink_errors_total={("crc_flit",): 12_000.0})), [], healthy(),
      "nvlink", "warning", "check_nvlink"),
     ("xid79", gpu(), xids((79, 10)), None, "xid", "critical", "reboot_node"),
     ("xid48", gpu(), xids((48, 10)), None, "xid", "critical", "drain_and_reset"),

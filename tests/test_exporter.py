@@ -31,6 +31,7 @@ def mixed_node() -> dict[str, str]:
         "gpu.3.ecc.sbe_vol": "17", "gpu.3.ecc.dbe_agg": "2",
         "gpu.3.remap_cor": "4", "gpu.3.remap_pending": "1",
         "gpu.3.procs": "100:1,200:2,300:3",
+        "gpu.3.util_enc": "5", "gpu.3.util_dec": "12",  # a GPU that also codes video
         "gpu.7.name": "Tesla V100-PCIE-32GB",
         "gpu.7.num_fans": "2", "gpu.7.fan.0": "45", "gpu.7.fan.1": "47",
         "gpu.7.retired_sbe": "2", "gpu.7.retired_dbe": "1", "gpu.7.retired_pending": "1",
@@ -40,6 +41,14 @@ def mixed_node() -> dict[str, str]:
     for key in ("remap_cor", "remap_unc", "remap_pending", "remap_failure", "mem_temp", "recovery_action"):
         del state[f"gpu.7.{key}"]
     return state
+
+
+def sparse_value(s: dict[str, float], key: str, value: float) -> None:
+    """A sparse family's series: served with its value once non-zero, absent while it has only been 0."""
+    if value:
+        assert s[key] == value, key
+    else:
+        assert key not in s, key
 
 
 def lbl(gpu: int, uuid: str, **extra: str) -> str:
@@ -91,8 +100,10 @@ def test_every_metric_with_the_value_the_scenario_implies(fake: FakeNvml, start_
             assert s[f"nvidia_gpu_clock_max_hertz{L(clock=clock)}"] == g(i, f"clock_max.{key}") * 1e6
         assert s[f"nvidia_gpu_utilization_ratio{L()}"] == g(i, "util_gpu") / 100  # % -> ratio
         assert s[f"nvidia_gpu_memory_utilization_ratio{L()}"] == g(i, "util_mem") / 100
-        assert s[f"nvidia_gpu_encoder_utilization_ratio{L()}"] == 0
-        assert s[f"nvidia_gpu_decoder_utilization_ratio{L()}"] == 0
+        # sparse families (docs/metrics.md): a series that has only ever been 0 is not served
+        sparse = functools.partial(sparse_value, s)
+        sparse(f"nvidia_gpu_encoder_utilization_ratio{L()}", g(i, "util_enc") / 100)
+        sparse(f"nvidia_gpu_decoder_utilization_ratio{L()}", g(i, "util_dec") / 100)
         assert s[f"nvidia_gpu_memory_total_bytes{L()}"] == 81559 * MIB
         assert s[f"nvidia_gpu_memory_used_bytes{L()}"] == g(i, "mem_used")
         assert s[f"nvidia_gpu_memory_reserved_bytes{L()}"] == 480 * MIB
@@ -106,16 +117,15 @@ def test_every_metric_with_the_value_the_scenario_implies(fake: FakeNvml, start_
         assert s[f"nvidia_gpu_pcie_replay_errors_total{L()}"] == g(i, "pcie_replay")
         mask = int(state[f"gpu.{i}.throttle"], 16)
         for bit, reason in enumerate(REASONS):  # bitmask -> one 0/1 series per reason
-            assert s[f"nvidia_gpu_clock_event_active{L(reason=reason)}"] == (mask >> bit) & 1
+            sparse(f"nvidia_gpu_clock_event_active{L(reason=reason)}", (mask >> bit) & 1)
         for reason, key in (("power", "power"), ("thermal", "thermal"), ("sync_boost", "sync_boost"),
                             ("board_limit", "board_limit"), ("low_utilization", "low_util"),
                             ("reliability", "reliability")):  # ns -> s
-            assert s[f"nvidia_gpu_clock_event_duration_seconds_total{L(reason=reason)}"] == \
-                g(i, f"violation.{key}") / 1e9
+            sparse(f"nvidia_gpu_clock_event_duration_seconds_total{L(reason=reason)}", g(i, f"violation.{key}") / 1e9)
         assert s[f"nvidia_gpu_ecc_enabled{L()}"] == 1
         for typ, key in (("corrected", "sbe"), ("uncorrected", "dbe")):
             for scope, short in (("volatile", "vol"), ("aggregate", "agg")):
-                assert s[f"nvidia_gpu_ecc_errors_total{L(type=typ, scope=scope)}"] == g(i, f"ecc.{key}_{short}")
+                sparse(f"nvidia_gpu_ecc_errors_total{L(type=typ, scope=scope)}", g(i, f"ecc.{key}_{short}"))
         assert s[f"nvidia_gpu_compute_processes{L()}"] == len([p for p in state[f"gpu.{i}.procs"].split(",") if p])
         if i == 7:  # older board: fans, page retirement, no remapping, no memory temperature, no NVLink
             assert s[f"nvidia_gpu_fan_speed_ratio{L(fan='0')}"] == 0.45
@@ -125,30 +135,40 @@ def test_every_metric_with_the_value_the_scenario_implies(fake: FakeNvml, start_
             assert s[f"nvidia_gpu_retired_pages_pending{L()}"] == 1
             series = gpu_series(page, 7)
             for absent in ("nvidia_gpu_remapped_rows", "nvidia_gpu_memory_temperature_celsius",
-                           "nvidia_gpu_nvlink_up", "nvidia_gpu_recovery_action"):
+                           "nvidia_gpu_nvlink_links", "nvidia_gpu_nvlink_errors_total", "nvidia_gpu_nvlink_link_up",
+                           "nvidia_gpu_recovery_action"):
                 assert not any(k.startswith(absent + "{") for k in series), absent
             continue
         # H100: passive (no fan series), rows remapped instead of pages retired
         assert not any(k.startswith(("nvidia_gpu_fan_speed_ratio{", "nvidia_gpu_retired_pages"))
                        for k in gpu_series(page, i))
         assert s[f"nvidia_gpu_memory_temperature_celsius{L()}"] == g(i, "mem_temp")
-        assert s[f"nvidia_gpu_remapped_rows{L(cause='correctable')}"] == g(i, "remap_cor")
-        assert s[f"nvidia_gpu_remapped_rows{L(cause='uncorrectable')}"] == g(i, "remap_unc")
+        sparse(f"nvidia_gpu_remapped_rows{L(cause='correctable')}", g(i, "remap_cor"))
+        sparse(f"nvidia_gpu_remapped_rows{L(cause='uncorrectable')}", g(i, "remap_unc"))
         assert s[f"nvidia_gpu_remapped_rows_pending{L()}"] == g(i, "remap_pending")
         assert s[f"nvidia_gpu_remapped_rows_failed{L()}"] == g(i, "remap_failure")
         assert s[f"nvidia_gpu_recovery_action{L()}"] == g(i, "recovery_action")
-        for link in range(18):
-            up = 0 if (i, link) == (3, 5) else 1
-            assert s[f"nvidia_gpu_nvlink_up{L(link=str(link))}"] == up
-            types = ("crc_flit", "replay", "recovery") + (("crc_data",) if link < 12 else ())
-            for typ in types:
-                key = f"nvidia_gpu_nvlink_errors_total{L(link=str(link), type=typ)}"
-                if not up:  # an inactive port has no counters
-                    assert key not in s
-                    continue
-                assert s[key] == float(state.get(f"gpu.{i}.nvlink.{link}.{typ}", 0))
+        # NVLink: per-GPU totals always; a link's detail only where it is down (3/5) or counted errors (3/2)
+        down = 1 if i == 3 else 0
+        assert s[f"nvidia_gpu_nvlink_links{L(state='up')}"] == 18 - down
+        assert s[f"nvidia_gpu_nvlink_links{L(state='down')}"] == down
+        for typ in ("replay", "recovery", "crc_flit", "crc_data"):
+            total = sum(float(state.get(f"gpu.{i}.nvlink.{link}.{typ}", 0)) for link in range(18))
+            assert s[f"nvidia_gpu_nvlink_errors_total{L(type=typ)}"] == total
+        detail = {k for k in gpu_series(page, i) if k.startswith("nvidia_gpu_nvlink_link_")}
+        if i != 3:
+            assert detail == set()
+            continue
+        # (link 5 has no counters: an inactive port answers NOT_SUPPORTED for them)
+        assert detail == {f"nvidia_gpu_nvlink_link_up{L(link='5')}", f"nvidia_gpu_nvlink_link_up{L(link='2')}",
+                          *(f"nvidia_gpu_nvlink_link_errors_total{L(link='2', type=t)}"
+                            for t in ("crc_flit", "replay", "recovery", "crc_data"))}
+        assert s[f"nvidia_gpu_nvlink_link_up{L(link='5')}"] == 0
+        assert s[f"nvidia_gpu_nvlink_link_up{L(link='2')}"] == 1
+        for typ in ("crc_flit", "replay", "recovery", "crc_data"):
+            assert s[f"nvidia_gpu_nvlink_link_errors_total{L(link='2', type=typ)}"] == g(3, f"nvlink.2.{typ}")
     assert s["nvml_exporter_nvml_up"] == 1
-    assert s['nvml_exporter_collect_timeouts_total{gpu="0"}'] == 0
+    assert not any(k.startswith("nvml_exporter_collect_timeouts_total") for k in s)  # from a first timeout on
     assert s["nvml_exporter_last_collect_timestamp_seconds"] >= t0 - 1
     assert any(k.startswith("nvml_exporter_build_info{") for k in s)
     # every family of the contract is on the page
@@ -156,7 +176,8 @@ def test_every_metric_with_the_value_the_scenario_implies(fake: FakeNvml, start_
     # (error and invalid-reading counters appear with their first count: nothing fails in this scenario,
     # not even NumFans, which a real Hopper board answers with 0)
     missing = {m.name for m in ALL_METRICS} - families
-    assert missing == {"nvml_exporter_invalid_readings_total", "nvml_exporter_nvml_errors_total"}
+    assert missing == {"nvml_exporter_invalid_readings_total", "nvml_exporter_nvml_errors_total",
+                       "nvml_exporter_collect_timeouts_total"}
     # GPU 3's throttling and pending remap show in its diagnosis
     uuid3 = state["gpu.3.uuid"]
     assert s[f'nvidia_gpu_health{{gpu="3",uuid="{uuid3}",check="thermal"}}'] == 2

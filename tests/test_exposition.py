@@ -49,9 +49,8 @@ nvml_exporter_nvml_up 1
 # TYPE nvml_exporter_collect_duration_seconds gauge
 nvml_exporter_collect_duration_seconds{{gpu="0"}} 0
 nvml_exporter_collect_duration_seconds{{gpu="1"}} 0
-# HELP nvml_exporter_collect_timeouts_total Collections of a GPU that missed the scrape deadline; the scrape served its last good values.
+# HELP nvml_exporter_collect_timeouts_total Collections of a GPU that missed the scrape deadline; the scrape served its last good values. A GPU has a series from its first timeout on (served at 0 first).
 # TYPE nvml_exporter_collect_timeouts_total counter
-nvml_exporter_collect_timeouts_total{{gpu="0"}} 0
 nvml_exporter_collect_timeouts_total{{gpu="1"}} 3
 # HELP nvml_exporter_nvml_errors_total NVML calls that failed, by function and error.
 # TYPE nvml_exporter_nvml_errors_total counter

@@ -40,8 +40,8 @@ def test_values_by_type_and_scale(gpu: tuple[FakeNvml, object]) -> None:
         assert v["nvidia_gpu_memory_temperature_celsius"] == {(): 71.0}  # unsigned int
         assert v["nvidia_gpu_pcie_replay_errors_total"] == {(): 150.0}
         assert v["nvidia_gpu_clock_event_duration_seconds_total"][("power",)] == 7.014307013  # ns -> s, exact
-        assert v["nvidia_gpu_nvlink_errors_total"][("2", "replay")] == 5.0  # unsigned long long
-        assert v["nvidia_gpu_nvlink_up"] == {("2",): 1.0}
+        assert v["nvidia_gpu_nvlink_link_errors_total"][("2", "replay")] == 5.0  # unsigned long long
+        assert v["nvidia_gpu_nvlink_link_up"] == {("2",): 1.0}
         assert all(isinstance(x, float) for series in v.values() for x in series.values())
 
 
@@ -67,9 +67,9 @@ def test_inactive_nvlink_ports_are_kept(gpu: tuple[FakeNvml, object]) -> None:
     batch = FieldBatch(nvlink_fields(4), keep_unsupported=lambda f: f.link)
     for _ in range(3):
         v = read(batch, h)
-    assert v == {"nvidia_gpu_nvlink_up": {("4",): 0.0}}
+    assert v == {"nvidia_gpu_nvlink_link_up": {("4",): 0.0}}
     fake.gpu(0, **{"nvlink.4.up": 1, "nvlink.4.crc_flit": 9})  # it comes up: its counters are there
-    assert read(batch, h)["nvidia_gpu_nvlink_errors_total"][("4", "crc_flit")] == 9.0
+    assert read(batch, h)["nvidia_gpu_nvlink_link_errors_total"][("4", "crc_flit")] == 9.0
 
 
 def test_what_the_driver_says_a_read_cost(gpu: tuple[FakeNvml, object]) -> None:
@@ -88,11 +88,11 @@ def test_unchanged_counters_come_back_as_the_same_mapping_and_changes_show(gpu: 
     fake, h = gpu
     batch = FieldBatch([*FAST_FIELDS, *nvlink_fields(0), *nvlink_fields(1)], keep_unsupported=lambda f: f.link)
     first, second = read(batch, h), read(batch, h)
-    assert second["nvidia_gpu_nvlink_errors_total"] is first["nvidia_gpu_nvlink_errors_total"]
-    assert second["nvidia_gpu_nvlink_up"] is first["nvidia_gpu_nvlink_up"]
+    assert second["nvidia_gpu_nvlink_link_errors_total"] is first["nvidia_gpu_nvlink_link_errors_total"]
+    assert second["nvidia_gpu_nvlink_link_up"] is first["nvidia_gpu_nvlink_link_up"]
     fake.gpu(0, **{"nvlink.1.crc_flit": 12, "nvlink.0.up": 0})
     third = read(batch, h)
-    assert third["nvidia_gpu_nvlink_errors_total"] is not first["nvidia_gpu_nvlink_errors_total"]
-    assert third["nvidia_gpu_nvlink_errors_total"][("1", "crc_flit")] == 12.0
-    assert first["nvidia_gpu_nvlink_errors_total"][("1", "crc_flit")] == 0.0  # what was handed out stays
-    assert third["nvidia_gpu_nvlink_up"] == {("0",): 0.0, ("1",): 1.0}
+    assert third["nvidia_gpu_nvlink_link_errors_total"] is not first["nvidia_gpu_nvlink_link_errors_total"]
+    assert third["nvidia_gpu_nvlink_link_errors_total"][("1", "crc_flit")] == 12.0
+    assert first["nvidia_gpu_nvlink_link_errors_total"][("1", "crc_flit")] == 0.0  # what was handed out stays
+    assert third["nvidia_gpu_nvlink_link_up"] == {("0",): 0.0, ("1",): 1.0}

@@ -48,7 +48,8 @@ def test_healthy_node_then_injected_faults_then_every_dashboard_query(prometheus
     # (b) faults: Xid 79 on GPU 1, a pending row remap on GPU 2, HW thermal slowdown on GPU 3, GPU 4 lost
     fake.xid(1, 79)
     fake.event(5, 0x2, 0)  # a double-bit ECC event: counted, no alert of its own
-    fake.set({"gpu.2.remap_pending": 1, "gpu.3.throttle": "0x40", "gpu.4.lost": 1})
+    fake.set({"gpu.2.remap_pending": 1, "gpu.2.remap_cor": 1, "gpu.3.throttle": "0x40",
+              "gpu.3.violation.thermal": "0+500000000/s", "gpu.4.lost": 1})
     expected = {("GpuXidFellOffBus", "1"), ("GpuRowRemapPending", "2"), ("GpuHwThermalSlowdown", "3"),
                 ("GpuLost", "4")}
     wait_for(lambda: expected <= firing(prom), timeout=60, interval=0.5)
@@ -59,15 +60,29 @@ def test_healthy_node_then_injected_faults_then_every_dashboard_query(prometheus
     assert by_name["GpuRowRemapPending"]["labels"]["severity"] == "warning"
     assert fake.state["gpu.1.uuid"] in by_name["GpuXidFellOffBus"]["annotations"]["description"]
 
-    # (c) every dashboard panel's queries return data
+    # (c) every dashboard panel's queries return data, once the node also has what the sparse families and
+    # the NVLink per-link detail serve only after a fault: a corrected ECC error, a link down, CRC errors
+    fake.set({"gpu.5.ecc.sbe_vol": 3, "gpu.6.nvlink.2.up": 0, "gpu.5.nvlink.3.crc_flit": "0+1000/s"})
     wait_for(lambda: prom.query("category:nvidia_gpu_xids:increase1h"), timeout=30)
-    empty = []
+    queries = []
     for path in sorted((REPO / "dashboards").glob("*.json")):
         for panel in json.loads(path.read_text())["panels"]:
             for target in panel.get("targets", []):
                 expr = target["expr"]
                 for var, value in VARIABLES.items():
                     expr = expr.replace(var, value)
-                if not prom.query(expr):
-                    empty.append((path.name, panel["title"], expr))
-    assert not empty
+                queries.append((path.name, panel["title"], expr))
+
+    def empty() -> list[tuple[str, str, str]]:
+        return [q for q in queries if not prom.query(q[2])]
+
+    last: list[tuple[str, str, str]] = []
+
+    def answered() -> bool:
+        last[:] = empty()
+        return not last
+
+    try:
+        wait_for(answered, timeout=30, interval=1)
+    except AssertionError:
+        raise AssertionError("\n".join(map(str, last))) from None

@@ -62,8 +62,9 @@ def test_alert_conventions() -> None:
 def test_no_alert_on_idle_power_capping_or_sync_boost() -> None:
     for r in ALERTS:
         assert "sw_power_cap" not in r["expr"] and "sync_boost" not in r["expr"], r["alert"]
-        if "gpu_idle" in r["expr"]:  # only ever to exclude idle GPUs
-            assert 'reason="gpu_idle"} == 0' in r["expr"], r["alert"]
+        if "gpu_idle" in r["expr"]:  # only ever to exclude idle GPUs (a sparse series: absent until first idle)
+            assert 'unless ignoring (reason) nvidia_gpu_clock_event_active{reason="gpu_idle"} == 1' in r["expr"], \
+                r["alert"]
 
 
 def xids_in(expr: str) -> set[int]:

@@ -109,6 +109,12 @@ def find(m: dict, name: str, gpu: int, **labels: str) -> float | None:
     return None
 
 
+def sparse(metric: str) -> bool:
+    from nvml_exporter.metrics import BY_NAME
+
+    return BY_NAME[metric].sparse
+
+
 LABELS = {"nvidia_gpu_clock_hertz": "clock", "nvidia_gpu_clock_max_hertz": "clock",
           "nvidia_gpu_retired_pages": "cause", "nvidia_gpu_fan_speed_ratio": "fan"}
 
@@ -141,6 +147,8 @@ def crosscheck(m: dict, rows: list[dict[str, str]], loaded: bool = False) -> tup
                 theirs = float(raw) * factor if raw not in (None, "", "[N/A]", "N/A", "[Not Supported]") else None
             except ValueError:
                 theirs = None
+            if ours is None and theirs is not None and sparse(metric):
+                ours = 0.0  # a sparse family's series is absent while it has only been 0 (docs/metrics.md)
             if ours is None and theirs is None:
                 verdict = "both N/A"
             elif ours is None or theirs is None:
@@ -164,6 +172,8 @@ def crosscheck(m: dict, rows: list[dict[str, str]], loaded: bool = False) -> tup
         for reason, field in EVENT_FIELDS.items():
             ours, raw = find(m, "nvidia_gpu_clock_event_active", i, reason=reason), row.get(field, "")
             theirs = {"Active": 1.0, "Not Active": 0.0}.get(raw)
+            if ours is None and theirs is not None:
+                ours = 0.0  # sparse: absent until the reason has been active once
             ok = ours == theirs or theirs is None
             bad += not ok and not loaded
             lines.append(f"| {i} | clock_event_active{{{reason}}} | {ours} | {theirs} (`{field}`) | 0 | "
