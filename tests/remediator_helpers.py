@@ -129,8 +129,10 @@ class Remediator:
     def events(self, event: str) -> list[dict[str, Any]]:
         return [r for r in self.audit() if r["event"] == event]
 
-    def metrics(self) -> str:
-        with urllib.request.urlopen(self.url + "/metrics", timeout=10) as r:
+    def metrics(self, token: str | None = TOKEN) -> str:
+        """GET /metrics, which needs the webhook's credentials."""
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        with urllib.request.urlopen(urllib.request.Request(self.url + "/metrics", headers=headers), timeout=10) as r:
             return r.read().decode()
 
     def kill(self) -> None:
