@@ -129,11 +129,22 @@ class Remediator:
     def events(self, event: str) -> list[dict[str, Any]]:
         return [r for r in self.audit() if r["event"] == event]
 
+    def get(self, path: str, token: str | None = TOKEN) -> tuple[int, str]:
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        try:
+            with urllib.request.urlopen(urllib.request.Request(self.url + path, headers=headers), timeout=10) as r:
+                return r.status, r.read().decode()
+        except urllib.error.HTTPError as e:
+            return e.code, e.read().decode()
+
     def metrics(self, token: str | None = TOKEN) -> str:
         """GET /metrics, which needs the webhook's credentials."""
-        headers = {"Authorization": f"Bearer {token}"} if token else {}
-        with urllib.request.urlopen(urllib.request.Request(self.url + "/metrics", headers=headers), timeout=10) as r:
-            return r.read().decode()
+        status, body = self.get("/metrics", token)
+        assert status == 200, body
+        return body
+
+    def log(self) -> str:
+        return (self.directory / f"remediator-{self.port}.log").read_text()
 
     def kill(self) -> None:
         self.proc.send_signal(signal.SIGKILL)

@@ -166,7 +166,13 @@ def test_killed_between_queueing_and_running_resumes(workdir: Path, remediators:
     r = run(workdir, remediators, "--execute")
     wait_for(lambda: r.events("done"), timeout=30)
     assert r.events("recovered")[0]["next_step"] == 0
-    assert len(drains(workdir)) == 1  # resumed: the signal step is repeatable, the drain ran once
+    # resumed: the signal step is repeatable and ran again (it was not skipped as a cooldown on its own
+    # record, issue 15 H4), then the drain ran once
+    assert r.events("cooldown") == []
+    assert [(e["step"], e["result"], e["resumed"]) for e in r.events("ran")] == [
+        ("checkpoint_signal", "ok", True), ("drain_node", "ok", False)]
+    assert len(calls(workdir, "nvidia-smi")) == 2
+    assert len(drains(workdir)) == 1
     r.post(payload(alert()))
     time.sleep(1)
     assert len(drains(workdir)) == 1
