@@ -10,6 +10,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from .logs import RateLimited
 from .nvml import EVENT_NAMES, EVENT_XID, Event, EventSet, GpuLost, NvmlError, uuid_of
 from .xidstore import XidEvent, XidStore
 
@@ -19,6 +20,7 @@ WANTED = sum(EVENT_NAMES)
 WAIT_MS = 500
 RECHECK_SECONDS = 2.0  # how often the set of attached GPUs is compared with the registered one
 DRAIN_MAX = 10_000  # events read from a set before it is replaced
+XID_LOG_INTERVAL = 10.0  # seconds between log lines for one GPU's one Xid code (all are counted anyway)
 
 
 class EventWatcher:
@@ -29,6 +31,7 @@ class EventWatcher:
         self._store = store
         self._on_error = on_error
         self._clock = clock
+        self._xid_log = RateLimited(log, XID_LOG_INTERVAL)  # an Xid storm must not flood the journal
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="nvml-events", daemon=True)
         self.registered: dict[str, int] = {}  # uuid -> event mask, for tests and the landing page
@@ -94,7 +97,8 @@ class EventWatcher:
     def _record(self, event: Event) -> None:
         if event.type == EVENT_XID:
             self._store.record(XidEvent(event.uuid, event.data, self._clock(), "nvml"))
-            log.error("Xid", extra={"uuid": event.uuid, "xid": event.data})
+            self._xid_log.log(logging.ERROR, "Xid", key=(event.uuid, event.data),
+                              extra={"uuid": event.uuid, "xid": event.data})
         else:
             self._store.record_event(event.uuid, EVENT_NAMES.get(event.type, hex(event.type)))
 

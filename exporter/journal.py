@@ -11,9 +11,11 @@ import threading
 from collections.abc import Callable
 from datetime import datetime
 
+from .logs import RateLimited
 from .xidstore import XidEvent, XidStore
 
 log = logging.getLogger("nvml_exporter.journal")
+_unresolved_log = RateLimited(log, 10.0)  # one line per PCI address per 10 s, however many Xids it sends
 
 JOURNAL_DIRS = ("/run/log/journal", "/var/log/journal")
 
@@ -112,7 +114,8 @@ class JournalFollower:
             uuid = self._resolve(key)
             if uuid is None:
                 pci = "{:08x}:{:02x}:{:02x}.0".format(*key)
-                log.warning("Xid for a PCI address no GPU answers for", extra={"pci": pci, "message": message})
+                _unresolved_log.log(logging.WARNING, "Xid for a PCI address no GPU answers for", key=pci,
+                                    extra={"pci": pci, "message": message})
                 self._store.record_unresolved(pci, XidEvent("", code, ts, "journal", text))
                 continue
             self._store.record(XidEvent(uuid, code, ts, "journal", text))

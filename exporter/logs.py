@@ -7,7 +7,9 @@ import json
 import logging
 import os
 import sys
+import threading
 import time
+from collections.abc import Callable, Hashable, Mapping
 
 LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warn": logging.WARNING, "error": logging.ERROR}
 _STANDARD = set(logging.makeLogRecord({}).__dict__) | {"message", "asctime"}
@@ -86,3 +88,35 @@ def setup(level: str, fmt: str, identifier: str = "nvml-exporter") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(LEVELS[level])
+
+
+class RateLimited:
+    """At most one line per `interval` seconds for each key, so a flood (refused connections, an Xid
+    storm) cannot flood the log. Lines held back are counted, and the next line for that key says
+    how many as `suppressed=N`. Thread safe; keeps at most `max_keys` keys (the oldest go first)."""
+
+    def __init__(self, logger: logging.Logger, interval: float = 10.0, max_keys: int = 1024,
+                 clock: Callable[[], float] = time.monotonic):
+        self._log, self._interval, self._max_keys, self._clock = logger, interval, max_keys, clock
+        self._lock = threading.Lock()
+        self._keys: dict[Hashable, tuple[float, int]] = {}  # key -> (when last logged, lines held back since)
+
+    def log(self, level: int, msg: str, key: Hashable = None, extra: Mapping[str, object] | None = None,
+            exc_info: bool = False) -> bool:
+        """Log, or count the line as held back; whether it was logged."""
+        if not self._log.isEnabledFor(level):
+            return False
+        now = self._clock()
+        with self._lock:
+            last, held = self._keys.pop(key, (None, 0))
+            if last is not None and now - last < self._interval:
+                self._keys[key] = (last, held + 1)
+                return False
+            self._keys[key] = (now, 0)
+            while len(self._keys) > self._max_keys:
+                del self._keys[next(iter(self._keys))]
+        fields = dict(extra or {})
+        if held:
+            fields["suppressed"] = held
+        self._log.log(level, msg, extra=fields, exc_info=exc_info)
+        return True

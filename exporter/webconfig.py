@@ -10,9 +10,10 @@ Unknown keys are errors, as in exporter-toolkit, so a typo never silently turns 
 from __future__ import annotations
 
 import base64
-import functools
+import enum
 import hashlib
 import os
+import re
 import ssl
 import threading
 from collections.abc import Mapping
@@ -40,46 +41,86 @@ _TLS_VERSIONS = {"TLS10": ssl.TLSVersion.TLSv1, "TLS11": ssl.TLSVersion.TLSv1_1,
                  "TLS12": ssl.TLSVersion.TLSv1_2, "TLS13": ssl.TLSVersion.TLSv1_3}
 
 
-@functools.lru_cache(maxsize=1)
-def _dummy_hash() -> bytes:
-    """A real hash to check unknown users against, so a wrong user costs as long as a wrong password."""
-    import bcrypt
+class Auth(enum.Enum):
+    OK = "ok"
+    DENIED = "denied"  # answer 401
+    BUSY = "busy"  # every hash slot taken for HASH_WAIT: answer 503, the client tries again
 
-    return bcrypt.hashpw(b"unknown user", bcrypt.gensalt(10))
+
+HASH_SLOTS = 2  # bcrypt checks at once: each takes a core for its cost (~0.3 s at cost 12)
+HASH_WAIT = 1.0  # seconds a request waits for a slot before it is answered BUSY
+_MAX_PASSWORD = 72  # bytes bcrypt reads; bcrypt 5 raises past it, older ones cut the rest silently
+_BCRYPT = re.compile(r"\$2[aby]\$(\d\d)\$[./A-Za-z0-9]{53}")
+
+
+def _cost(hashed: bytes) -> int:
+    return int(hashed[4:6])
 
 
 @dataclass
 class WebConfig:
+    """TLS, extra headers and basic-auth users. Credentials that passed are cached (as a digest), like
+    exporter-toolkit, so the scraper's every request after the first costs no bcrypt. Checks that need
+    bcrypt run at most `hash_slots` at a time; one that cannot get a slot within `hash_wait` seconds is
+    BUSY, so a flood of wrong passwords costs at most that many cores and never delays cached ones."""
+
     ssl_context: ssl.SSLContext | None = None
     users: Mapping[str, bytes] = field(default_factory=dict)
     headers: Mapping[str, str] = field(default_factory=dict)
+    hash_slots: int = HASH_SLOTS
+    hash_wait: float = HASH_WAIT
     _ok_cache: set[bytes] = field(default_factory=set, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    _slots: threading.Semaphore = field(init=False, repr=False)
+    _dummy: bytes | None = field(default=None, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self._slots = threading.BoundedSemaphore(self.hash_slots)
 
     def authorized(self, authorization: str | None) -> bool:
-        """Check an Authorization header against basic_auth_users (True when none are configured).
-        bcrypt is slow on purpose; a digest of credentials that passed is cached, like exporter-toolkit."""
+        """Whether an Authorization header passes basic_auth_users (True when none are configured)."""
+        return self.check(authorization) is Auth.OK
+
+    def check(self, authorization: str | None) -> Auth:
+        """An Authorization header against basic_auth_users (OK when none are configured)."""
         if not self.users:
-            return True
+            return Auth.OK
         if not authorization or not authorization.startswith("Basic "):
-            return False
+            return Auth.DENIED
         try:
             user, _, password = base64.b64decode(authorization[6:], validate=True).decode().partition(":")
         except (ValueError, UnicodeDecodeError):
-            return False
+            return Auth.DENIED
+        secret = password.encode()
+        if len(secret) > _MAX_PASSWORD or b"\0" in secret:  # no bcrypt hash can match: no work for it
+            return Auth.DENIED
         digest = hashlib.sha256(f"{user}\0{password}".encode()).digest()
         with self._lock:
             if digest in self._ok_cache:
-                return True
-        import bcrypt
+                return Auth.OK
+        if not self._slots.acquire(timeout=self.hash_wait):
+            return Auth.BUSY
+        try:
+            import bcrypt
 
-        hashed = self.users.get(user)
-        ok = bcrypt.checkpw(password.encode(), hashed if hashed is not None else _dummy_hash())
-        ok = ok and hashed is not None
-        if ok:
-            with self._lock:
-                self._ok_cache.add(digest)
-        return ok
+            hashed = self.users.get(user)
+            # an unknown user costs what a wrong password does, so that user names cannot be told by time
+            ok = bcrypt.checkpw(secret, hashed if hashed is not None else self._dummy_hash())
+        finally:
+            self._slots.release()
+        if not ok or hashed is None:
+            return Auth.DENIED
+        with self._lock:
+            self._ok_cache.add(digest)
+        return Auth.OK
+
+    def _dummy_hash(self) -> bytes:
+        """A real hash at the highest cost of the configured users' (made once, in a hash slot)."""
+        if self._dummy is None:
+            import bcrypt
+
+            self._dummy = bcrypt.hashpw(b"unknown user", bcrypt.gensalt(max(map(_cost, self.users.values()))))
+        return self._dummy
 
 
 def _mapping(value: Any, where: str) -> dict[str, Any]:
@@ -133,7 +174,7 @@ def load(path: str) -> WebConfig:
     headers = _mapping(http.get("headers"), "http_server_config.headers")
     users: dict[str, bytes] = {}
     for user, hashed in _mapping(top.get("basic_auth_users"), "basic_auth_users").items():
-        if not isinstance(hashed, str) or not hashed.startswith(("$2a$", "$2b$", "$2y$")):
+        if not isinstance(hashed, str) or not (m := _BCRYPT.fullmatch(hashed)) or not 4 <= int(m[1]) <= 31:
             raise WebConfigError(f"basic_auth_users: {user}: password must be a bcrypt hash ($2y$...)")
         users[str(user)] = hashed.encode()
     return WebConfig(

@@ -13,6 +13,7 @@ from collections.abc import Iterator
 import pytest
 
 from nvml_exporter.exposition import BuildInfo
+from nvml_exporter.httpd import Limits
 from nvml_exporter.server import App, BadRequest, Server, parse_head
 from nvml_exporter.snapshot import ExporterState, GpuIdentity, GpuSnapshot, Snapshot
 from nvml_exporter.webconfig import WebConfig
@@ -39,7 +40,9 @@ def served(request: pytest.FixtureRequest) -> Iterator[tuple[int, Scrapes]]:
     scrapes = Scrapes()
     app = App(collect=scrapes, ready=lambda: True, web=WebConfig(headers={"X-Frame-Options": "deny"}),
               build=BuildInfo(version="1.0", pynvml_version="13", python_version="3.11"), collect_timeout=5.0)
-    server = Server(("127.0.0.1", 0), app, max_connections=getattr(request, "param", 64))
+    param = getattr(request, "param", 64)  # max_connections, or the whole Limits
+    limits = param if isinstance(param, Limits) else Limits(max_connections=param)
+    server = Server(("127.0.0.1", 0), app, limits=limits)
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     thread.start()
     yield server.server_address[1], scrapes
@@ -152,11 +155,8 @@ def test_a_failing_collection_is_a_500_and_the_server_goes_on(served: tuple[int,
     assert b"nvidia_gpu_up" in gzip.decompress(r.read())
 
 
-def test_a_request_trickled_in_is_cut_off_after_the_timeout(served: tuple[int, Scrapes],
-                                                            monkeypatch: pytest.MonkeyPatch) -> None:
-    from nvml_exporter import server
-
-    monkeypatch.setattr(server.Connection, "timeout", 0.5)
+@pytest.mark.parametrize("served", [Limits(request_timeout=0.5)], indirect=True)
+def test_a_request_trickled_in_is_cut_off_after_the_timeout(served: tuple[int, Scrapes]) -> None:
     port, _ = served
     with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
         started = time.monotonic()
