@@ -120,7 +120,11 @@ class Remediator:
             with urllib.request.urlopen(req, timeout=10) as r:
                 return r.status, json.loads(r.read())
         except urllib.error.HTTPError as e:
-            return e.code, json.loads(e.read() or b"{}")
+            text = e.read()
+            try:
+                return e.code, json.loads(text or b"{}")
+            except ValueError:  # the HTTP layer's own refusals (400, 408, 413) are plain text
+                return e.code, {"error": text.decode(errors="replace").strip()}
 
     def audit(self) -> list[dict[str, Any]]:
         path = self.directory / "audit.jsonl"

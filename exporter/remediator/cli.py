@@ -19,18 +19,16 @@ import json
 import logging
 import os
 import signal
-import socket
 import sys
 import threading
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, NoReturn
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, generate_latest
 
 from .. import __version__, logs, webconfig
+from ..httpd import TEXT, Exchange, Limits, Server
 from ..webconfig import parse_listen_address
 from . import policy as policy_mod
 from .engine import Engine, PayloadError, Runner, plan, resume
@@ -82,61 +80,72 @@ class Answer:
         return cls(status, (json.dumps(body) + "\n").encode(), "application/json", headers or {})
 
 
-class RateLimited:
-    """At most one log line per `interval` seconds for each key; the next line says how many were held back."""
-
-    def __init__(self, interval: float = 10.0):
-        self._interval = interval
-        self._lock = threading.Lock()
-        self._keys: dict[str, tuple[float, int]] = {}
-
-    def warning(self, key: str, msg: str, **fields: Any) -> None:
-        now = time.monotonic()
-        with self._lock:
-            last, held = self._keys.get(key, (None, 0))
-            if last is not None and now - last < self._interval:
-                self._keys[key] = (last, held + 1)
-                return
-            self._keys[key] = (now, 0)
-        log.warning(msg, extra={**fields, "suppressed": held} if held else fields)
-
-
 class App:
-    """The remediator's routes, apart from how requests arrive: POST /webhook, GET /metrics (both need
-    the credentials), /-/healthy and /-/ready (open: they tell only whether it runs and can queue)."""
+    """The remediator's routes, on the shared HTTP layer (httpd), which reads each request whole under
+    one deadline, caps connections, does TLS off the accept loop and refuses what is malformed. Routes:
+    POST /webhook and GET /metrics (both need the credentials), /-/healthy and /-/ready (open: they
+    tell only whether it runs and can queue)."""
 
-    def __init__(self, engine: Engine, metrics: Metrics, token: str | None, web: webconfig.WebConfig,
-                 max_bytes: int):
-        self.engine, self.metrics, self.token, self.web, self.max_bytes = engine, metrics, token, web, max_bytes
-        self.refusals = RateLimited()
+    def __init__(self, engine: Engine, metrics: Metrics, token: str | None, web: webconfig.WebConfig):
+        self.engine, self.metrics, self.token, self.web = engine, metrics, token, web
+        self.refusals = logs.RateLimited(log, interval=10.0)
 
-    def authorized(self, header: str | None) -> bool:
+    def auth(self, header: str | None) -> webconfig.Auth:
         if self.token is None:
-            return self.web.authorized(header)  # mTLS or basic auth from the web config, or --insecure-no-auth
+            return self.web.check(header)  # mTLS or basic auth from the web config, or --insecure-no-auth
         presented = header[7:] if header and header.startswith("Bearer ") else ""
-        return hmac.compare_digest(presented.encode(), self.token.encode())
+        ok = hmac.compare_digest(presented.encode(), self.token.encode())
+        return webconfig.Auth.OK if ok else webconfig.Auth.DENIED
 
-    def refuse(self, status: int, result: str | None, message: str, peer: str,
-               headers: dict[str, str] | None = None) -> Answer:
-        """A refusal is counted and logged (rate-limited) but never audited: the audit log is fsynced, and
-        an unauthenticated client must not be able to fill the disk with it."""
+    def refused(self, status: int, message: str, peer: str = "") -> None:
+        """Every refusal, the layer's (bad request, 408, 413, too many connections) and the routes', is
+        counted and logged at most once per status per 10 s — never audited: the audit log is fsynced,
+        and an unauthenticated client must not be able to fill the disk with it."""
         self.metrics.refused.labels(str(status)).inc()
+        self.refusals.log(logging.WARNING, "request refused", key=status,
+                          extra={"status": status, "reason": message, **({"peer": peer} if peer else {})})
+
+    def __call__(self, ex: Exchange) -> None:
+        req = ex.request
+        authorization = req.headers.get("authorization")
+        if req.method in ("GET", "HEAD"):
+            answer = self.get(req.path, authorization, ex.peer)
+        elif req.method == "POST" and req.path == "/webhook":
+            if "content-length" not in req.headers:
+                answer = self._refuse(411, "bad_request", "Content-Length required", ex.peer)
+            else:
+                answer = self.webhook(authorization, req.body, ex.peer)
+        elif req.method == "POST":
+            answer = self._refuse(404, "not_found", "POST to /webhook", ex.peer)
+        else:
+            answer = self._refuse(405, None, "GET, HEAD or POST", ex.peer, {"Allow": "GET, HEAD, POST"})
+        ex.respond(answer.status, answer.body, answer.content_type, answer.headers)
+
+    def _refuse(self, status: int, result: str | None, message: str, peer: str,
+                headers: dict[str, str] | None = None) -> Answer:
         if result is not None:
             self.metrics.received.labels(result).inc()
-        self.refusals.warning(str(status), "request refused", status=status, reason=message, peer=peer)
+        self.refused(status, message, peer)
         return Answer.json(status, {"error": message}, headers)
+
+    def _unauthorized(self, auth: webconfig.Auth, result: str | None, peer: str) -> Answer:
+        if auth is webconfig.Auth.BUSY:  # every bcrypt slot taken: try again (Alertmanager retries a 503)
+            return self._refuse(503, result and "unavailable", "too many password checks at once; try again",
+                                peer, {"Retry-After": "1"})
+        challenge = {"WWW-Authenticate": 'Basic realm="nvml-remediator"'} if self.token is None else {}
+        return self._refuse(401, result, "missing or wrong credentials", peer, challenge)
 
     def get(self, path: str, authorization: str | None, peer: str) -> Answer:
         if path in ("/-/healthy", "/-/ready"):
             health = self.engine.health
             if path == "/-/ready" and not health.healthy:
-                return Answer(503, f"cannot write the remediator's state: {health.reason()}\n".encode(),
-                              "text/plain; charset=utf-8")
-            return Answer(200, b"OK\n", "text/plain; charset=utf-8")
+                return Answer(503, f"cannot write the remediator's state: {health.reason()}\n".encode(), TEXT)
+            return Answer(200, b"OK\n", TEXT)
         if path != "/metrics":
-            return self.refuse(404, None, "not found", peer)
-        if not self.authorized(authorization):
-            return self.refuse(401, None, "missing or wrong credentials", peer, self._challenge())
+            return self._refuse(404, None, "not found", peer)
+        auth = self.auth(authorization)
+        if auth is not webconfig.Auth.OK:
+            return self._unauthorized(auth, None, peer)
         m, store = self.metrics, self.engine.store
         m.storage_ok.set(1 if self.engine.health.healthy else 0)
         try:
@@ -146,30 +155,27 @@ class App:
             log.debug("cannot read the queue for /metrics", extra={"error": str(e)})
         return Answer(200, generate_latest(m.registry), CONTENT_TYPE_LATEST)
 
-    def _challenge(self) -> dict[str, str]:
-        return {} if self.token is not None or not self.web.users else {
-            "WWW-Authenticate": 'Basic realm="nvml-remediator"'}
-
     def webhook(self, authorization: str | None, body: bytes, peer: str) -> Answer:
-        """Called once the body is read whole (at most max_bytes)."""
+        """The body was read whole by the layer (at most --web.max-request-bytes, else 413)."""
         app, m = self.engine, self.metrics
-        if not self.authorized(authorization):
-            return self.refuse(401, "unauthorized", "missing or wrong credentials", peer, self._challenge())
+        auth = self.auth(authorization)
+        if auth is not webconfig.Auth.OK:
+            return self._unauthorized(auth, "unauthorized", peer)
         try:
             payload = json.loads(body)
         except RecursionError:
-            return self.refuse(400, "bad_request", "body is not JSON: nested too deeply", peer)
+            return self._refuse(400, "bad_request", "body is not JSON: nested too deeply", peer)
         except ValueError as e:  # also a number past Python's int-string limit, and bytes that are not UTF-8
-            return self.refuse(400, "bad_request", f"body is not JSON: {e}", peer)
+            return self._refuse(400, "bad_request", f"body is not JSON: {e}", peer)
         try:
             verdicts = plan(payload, app.policy, app.audit)
             fresh = app.store.enqueue([(p.key, p.node, p.rule, p.alert, p.steps) for p in verdicts.planned])
             for p, new in zip(verdicts.planned, fresh, strict=True):
                 app.audit.write("queued" if new else "duplicate", key=p.key, node=p.node, rule=p.rule)
         except PayloadError as e:
-            return self.refuse(400, "bad_request", str(e), peer)
+            return self._refuse(400, "bad_request", str(e), peer)
         except RecursionError:
-            return self.refuse(400, "bad_request", "payload nested too deeply", peer)
+            return self._refuse(400, "bad_request", "payload nested too deeply", peer)
         except StorageError as e:
             # the one case Alertmanager should retry: the alerts could not be queued and audited durably
             # (what was queued before the failure is a duplicate on the retry, and runs once)
@@ -187,58 +193,6 @@ class App:
         return Answer.json(200, {"queued": queued, "skipped": verdicts.skipped})
 
 
-class Handler(BaseHTTPRequestHandler):
-    server: Server
-    protocol_version = "HTTP/1.1"
-    timeout = 30
-    server_version = f"nvml-remediator/{__version__}"
-
-    def log_message(self, format: str, *args: Any) -> None:
-        log.debug(format % args)
-
-    def _send(self, answer: Answer) -> None:
-        self.send_response(answer.status)
-        self.send_header("Content-Type", answer.content_type)
-        self.send_header("Content-Length", str(len(answer.body)))
-        for k, v in {**self.server.app.web.headers, **answer.headers}.items():
-            self.send_header(k, v)
-        self.end_headers()
-        self.wfile.write(answer.body)
-
-    def do_GET(self) -> None:
-        self._send(self.server.app.get(self.path, self.headers.get("Authorization"), self.client_address[0]))
-
-    def do_POST(self) -> None:
-        app, peer = self.server.app, self.client_address[0]
-        if self.path != "/webhook":
-            return self._send(app.refuse(404, "not_found", "POST to /webhook", peer))
-        try:
-            length = int(self.headers.get("Content-Length", ""))
-        except ValueError:
-            return self._send(app.refuse(411, "bad_request", "Content-Length required", peer))
-        if length > app.max_bytes:
-            return self._send(app.refuse(413, "too_large", f"body of {length} bytes is over the limit of "
-                                                           f"{app.max_bytes}", peer))
-        self._send(app.webhook(self.headers.get("Authorization"), self.rfile.read(length), peer))
-
-
-class Server(ThreadingHTTPServer):
-    daemon_threads = True
-    allow_reuse_address = True
-
-    def __init__(self, address: tuple[str, int], app: App):
-        self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
-        self.app = app
-        super().__init__(address, Handler)
-
-    def get_request(self) -> tuple[socket.socket, Any]:
-        sock, addr = super().get_request()
-        ctx = self.app.web.ssl_context
-        if ctx is not None:
-            sock = ctx.wrap_socket(sock, server_side=True)
-        return sock, addr
-
-
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.prog}: error: {message}\n")
@@ -252,6 +206,13 @@ def _positive(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"want a positive integer, not {value}")
     return value
+
+
+def _seconds(text: str) -> float:
+    try:
+        return policy_mod.duration(text, "")
+    except policy_mod.PolicyError:
+        raise argparse.ArgumentTypeError(f"want a duration such as 30s or 500ms, not {text!r}") from None
 
 
 def _loopback(host: str) -> bool:
@@ -270,7 +231,12 @@ def serve(argv: Sequence[str]) -> int:
     p.add_argument("--web.config.file", dest="web_config",
                    help="TLS / mTLS (client_auth_type) in exporter-toolkit form")
     p.add_argument("--web.max-request-bytes", dest="max_bytes", type=_positive, default=1 << 20,
-                   help="largest webhook body accepted (413 past it)")
+                   help="largest webhook body accepted (413 past it; default 1 MiB)")
+    p.add_argument("--web.max-connections", dest="max_connections", type=_positive, default=64,
+                   help="connections served at once; more get a 503 (default 64)")
+    p.add_argument("--web.request-timeout", dest="request_timeout", type=_seconds, default=30.0,
+                   help="a whole request (TLS handshake, head and body) must arrive within this; 408 past it "
+                        "(default 30s)")
     p.add_argument("--auth.token-file", dest="token_file", help="file holding the bearer token Alertmanager sends")
     p.add_argument("--insecure-no-auth", action="store_true", help="allow no authentication (loopback only)")
     p.add_argument("--audit.log", dest="audit_log", default="/var/lib/prometheus-nvml-exporter/remediator-audit.jsonl")
@@ -320,8 +286,12 @@ def serve(argv: Sequence[str]) -> int:
     runner = Runner({"PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"), "LANG": "C.UTF-8"})
     engine = Engine(policy, store, audit, execute=args.execute, runner=runner, workers=args.workers,
                     on_outcome=lambda action, result: metrics.actions.labels(action, result).inc())
+    app = App(engine, metrics, token, web)
+    limits = Limits(request_timeout=args.request_timeout, idle_timeout=args.request_timeout, max_body=args.max_bytes,
+                    max_connections=args.max_connections)
     try:
-        server = Server((host, port), App(engine, metrics, token, web, args.max_bytes))
+        server = Server((host, port), app, limits=limits, ssl_context=web.ssl_context, headers=web.headers,
+                        server_header=f"nvml-remediator/{__version__}", on_refused=app.refused)
     except OSError as e:
         print(f"nvml-remediator: error: cannot listen on {host}:{port}: {e.strerror}", file=sys.stderr)
         return 1
