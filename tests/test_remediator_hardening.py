@@ -5,21 +5,28 @@ skipped with the reason, unless CI is set, where they must run."""
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import errno
+import http.client
 import json
 import os
+import re
 import signal
+import socket
+import ssl
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import bcrypt
 import pytest
 
 from tests.conftest import free_port, wait_for
 from tests.remediator_helpers import (
+    TOKEN,
     UUID1,
     Remediator,
     alert,
@@ -29,6 +36,7 @@ from tests.remediator_helpers import (
     policy,
     start_remediator,
 )
+from tests.test_http_security import make_cert
 
 DRAIN_RULES = """\
 - name: fell-off-bus
@@ -377,3 +385,146 @@ def test_storage_failure_leaves_no_half_record(tmp_path: Path) -> None:
         assert health.healthy
         audit.close()
 
+
+
+# The HTTP findings: the remediator now serves on the shared layer (httpd); these hold it to them. ----
+
+def raw_exchange(port: int, data: bytes, wait: float = 3.0) -> bytes:
+    """Send `data`, then read until the server closes or `wait` seconds pass without an end."""
+    out = b""
+    with socket.create_connection(("127.0.0.1", port), timeout=wait) as s:
+        s.sendall(data)
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            try:
+                chunk = s.recv(65536)
+            except TimeoutError:
+                break
+            except ConnectionResetError:
+                break
+            if not chunk:
+                break
+            out += chunk
+    return out
+
+
+def webhook_head(length: int, token: str = TOKEN, extra: str = "") -> bytes:
+    return (f"POST /webhook HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\nContent-Type: application/json"
+            f"\r\nContent-Length: {length}\r\n{extra}\r\n").encode()
+
+
+def https(port: int, cafile: Path) -> http.client.HTTPSConnection:
+    return http.client.HTTPSConnection("127.0.0.1", port, timeout=10,
+                                       context=ssl.create_default_context(cafile=str(cafile)))
+
+
+def test_idle_tcp_connect_does_not_block_tls_webhooks(workdir: Path, remediators: list[Remediator]) -> None:
+    """H2: with TLS the handshake ran in the accept loop on a socket without a timeout: one connect that
+    sent nothing held every Alertmanager delivery. Now it runs in the connection's own thread, under
+    the request deadline."""
+    cert, key = make_cert(workdir)
+    (workdir / "web.yml").write_text(f"tls_server_config:\n  cert_file: {cert}\n  key_file: {key}\n")
+    policy(workdir, DRAIN_RULES)
+    r = start_remediator(workdir, f"--web.config.file={workdir / 'web.yml'}", wait=False)
+    remediators.append(r)
+
+    def up() -> bool:
+        try:
+            conn = https(r.port, cert)
+            conn.request("GET", "/-/healthy")
+            return conn.getresponse().status == 200
+        except OSError:
+            return False
+
+    wait_for(up)
+    with socket.create_connection(("127.0.0.1", r.port)):  # connects, sends no ClientHello
+        time.sleep(0.2)
+        started = time.monotonic()
+        conn = https(r.port, cert)
+        conn.request("POST", "/webhook", json.dumps(payload(alert())),
+                     {"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"})
+        response = conn.getresponse()
+        assert (response.status, json.loads(response.read())) == (200, {"queued": 1, "skipped": {}})
+        assert time.monotonic() - started < 5
+
+
+def test_connection_cap_and_whole_request_deadline(workdir: Path, remediators: list[Remediator]) -> None:
+    """M2: no connection limit and no whole-request deadline: a head dribbled a byte at a time was held
+    for as long as it kept coming. Now past --web.max-connections a 503, and a request not whole within
+    --web.request-timeout a 408 and the connection closed."""
+    policy(workdir, DRAIN_RULES)
+    r = run(workdir, remediators, "--web.max-connections=3", "--web.request-timeout=1s")
+    held = [socket.create_connection(("127.0.0.1", r.port)) for _ in range(3)]
+    try:
+        for s in held:
+            s.sendall(b"P")  # a request has begun on each
+        time.sleep(0.2)
+        extra = raw_exchange(r.port, b"GET /-/healthy HTTP/1.1\r\n\r\n")
+        assert extra.startswith(b"HTTP/1.1 503") and b"too many connections" in extra
+    finally:
+        for s in held:
+            s.close()
+    wait_for(lambda: raw_exchange(r.port, b"GET /-/healthy HTTP/1.1\r\n\r\n").startswith(b"HTTP/1.1 200"))
+    with socket.create_connection(("127.0.0.1", r.port), timeout=10) as s:
+        started, answer = time.monotonic(), b""
+        for byte in b"POST /webhook HTTP/1.1\r\nHost: x\r\n" * 4:  # a byte every 0.2 s: never a whole head
+            try:
+                s.sendall(bytes([byte]))
+            except OSError:  # closed under us after the answer
+                break
+            s.settimeout(0.2)
+            try:
+                answer += s.recv(65536)
+            except TimeoutError:
+                continue
+            if answer:
+                break
+        assert answer.startswith(b"HTTP/1.1 408"), answer
+        assert time.monotonic() - started < 4
+    page = r.metrics()
+    assert 'nvml_remediator_requests_refused_total{code="408"} 1.0' in page
+    assert re.search(r'^nvml_remediator_requests_refused_total\{code="503"\} [1-9]', page, re.M)
+
+
+@pytest.mark.parametrize("length", [b"-1", b"+5", b"7" * 5000, "\u00b2".encode("latin-1"), b"5, 5"])
+def test_bad_content_length_is_a_400_not_a_read_to_the_end(workdir: Path, remediators: list[Remediator],
+                                                           length: bytes) -> None:
+    """M6: `Content-Length: -1` read to the end of the stream, past --web.max-request-bytes."""
+    policy(workdir, DRAIN_RULES)
+    r = run(workdir, remediators)
+    head = (b"POST /webhook HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + TOKEN.encode()
+            + b"\r\nContent-Length: " + length + b"\r\n\r\n")
+    with socket.create_connection(("127.0.0.1", r.port), timeout=5) as s:
+        s.sendall(head + b"x" * 65536)  # and it keeps coming; the answer must not wait for its end
+        assert s.recv(65536).startswith(b"HTTP/1.1 400")
+    assert r.post(payload(alert()))[0] == 200
+
+
+def test_basic_auth_password_over_72_bytes_is_a_401(workdir: Path, remediators: list[Remediator]) -> None:
+    """L1: a basic-auth password over 72 bytes (bcrypt refuses it) got no answer from the remediator."""
+    hashed = bcrypt.hashpw(b"alertmanager-secret", bcrypt.gensalt(4)).decode().replace("$2b$", "$2y$", 1)
+    (workdir / "web.yml").write_text(f"basic_auth_users:\n  am: '{hashed}'\n")
+    policy(workdir, DRAIN_RULES)
+    r = start_remediator(workdir, f"--web.config.file={workdir / 'web.yml'}", token=False)
+    remediators.append(r)
+
+    def basic(password: str) -> dict[str, str]:
+        return {"Authorization": "Basic " + base64.b64encode(f"am:{password}".encode()).decode()}
+
+    assert r.post(payload(alert()), token=None, headers=basic("x" * 100))[0] == 401
+    assert r.post(payload(alert()), token=None, headers=basic("alertmanager-secret" + "x" * 60))[0] == 401
+    assert r.post(payload(alert()), token=None, headers=basic("alertmanager-secret")) == (
+        200, {"queued": 1, "skipped": {}})
+
+
+def test_refused_body_is_never_read_as_the_next_request(workdir: Path, remediators: list[Remediator]) -> None:
+    """L5: 401 and 413 were answered without reading the body, on a connection kept open: the body was
+    then parsed as the next request (a request smuggled past the credentials check)."""
+    policy(workdir, DRAIN_RULES)
+    r = run(workdir, remediators, "--web.max-request-bytes=64")
+    smuggled = b"GET /-/healthy HTTP/1.1\r\nHost: x\r\n\r\n"
+    answer = raw_exchange(r.port, webhook_head(len(smuggled), token="wrong-token-0123456789") + smuggled)
+    assert answer.startswith(b"HTTP/1.1 401") and answer.count(b"HTTP/1.1 ") == 1, answer
+    body = smuggled + b" " * (100 - len(smuggled))
+    answer = raw_exchange(r.port, webhook_head(len(body)) + body)
+    assert answer.startswith(b"HTTP/1.1 413") and answer.count(b"HTTP/1.1 ") == 1, answer
