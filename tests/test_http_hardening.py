@@ -10,8 +10,11 @@ import gzip
 import http.client
 import json
 import logging
+import os
 import socket
 import ssl
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -526,3 +529,60 @@ def test_a_handler_that_raises_or_does_not_answer_is_a_500_and_the_server_goes_o
         assert raw(port, b"GET /ok HTTP/1.0\r\n\r\n").endswith(b"\r\n\r\nOK\n")
         settle(server)  # every connection's slot comes back
     assert len([r for r in caplog.records if r.getMessage() == "request failed"]) == 1
+
+
+SERVE_WITH_FEW_FDS = """
+import resource, sys
+from nvml_exporter.exposition import BuildInfo
+from nvml_exporter.httpd import Limits
+from nvml_exporter.server import App, Server
+from nvml_exporter.snapshot import Snapshot
+from nvml_exporter.webconfig import WebConfig
+resource.setrlimit(resource.RLIMIT_NOFILE, (48, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+app = App(collect=lambda timeout: Snapshot(gpus=()), ready=lambda: True, web=WebConfig(),
+          build=BuildInfo(version="1", pynvml_version="1", python_version="3"))
+server = Server(("127.0.0.1", 0), app, limits=Limits(max_connections=1000, request_timeout=60, idle_timeout=60))
+print(server.server_address[1], flush=True)
+server.serve_forever()
+"""
+
+
+def _cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def test_m2_out_of_file_descriptors_the_accept_loop_pauses_instead_of_spinning() -> None:
+    """M2 (the remediator's "at the fd limit it spins at 99 % CPU", for the layer it moves onto, and the
+    exporter's too): when accept() fails for want of a file descriptor the listening socket stays
+    readable; the accept loop now pauses (up to 1 s) instead of retrying at once, and serves again once
+    descriptors are free."""
+    proc = subprocess.Popen([sys.executable, "-c", SERVE_WITH_FEW_FDS], stdout=subprocess.PIPE, text=True)
+    clients: list[socket.socket] = []
+    try:
+        assert proc.stdout is not None
+        port = int(proc.stdout.readline())
+        for _ in range(60):  # past the 48 descriptors: the rest wait in the kernel's accept queue
+            clients.append(socket.create_connection(("127.0.0.1", port), timeout=10))
+        time.sleep(0.5)
+        before = _cpu_seconds(proc.pid)
+        time.sleep(3.0)
+        spent = _cpu_seconds(proc.pid) - before
+        assert spent < 0.5, f"the accept loop spent {spent:.2f} s of CPU in 3 s at the descriptor limit"
+        for c in clients:
+            c.close()
+        clients.clear()
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                if raw(port, b"GET /-/healthy HTTP/1.0\r\n\r\n").endswith(b"OK\n"):
+                    break
+            except OSError:
+                pass
+            assert time.monotonic() < deadline, "the server did not serve again once descriptors were free"
+            time.sleep(0.1)
+    finally:
+        for c in clients:
+            c.close()
+        proc.kill()
+        proc.wait(10)

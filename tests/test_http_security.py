@@ -72,6 +72,8 @@ def test_tls_and_basic_auth(tmp_path: Path, fake: FakeNvml, start_exporter) -> N
 
 @pytest.mark.parametrize(("config", "message"), [
     ("basic_auth_users:\n  admin: plaintext\n", "must be a bcrypt hash"),
+    ("basic_auth_users:\n  admin: '$2y$10$tooshort'\n", "must be a bcrypt hash"),  # else a 500 on each check
+    ("basic_auth_users:\n  admin: '$2y$99$" + "a" * 53 + "'\n", "must be a bcrypt hash"),  # cost out of range
     ("tls_server_config:\n  cert_file: missing.pem\n  key_file: missing.key\n", "cannot read cert_file"),
     ("tls_server_config:\n  cert_file: web.yml\n", "key_file is required"),
     ("basic_auth_user:\n  admin: x\n", "unknown field(s) basic_auth_user"),

@@ -60,6 +60,7 @@ def test_package_metadata_and_files(deb: Path) -> None:
     files = subprocess.run(["dpkg-deb", "-c", str(deb)], capture_output=True, text=True, check=True).stdout
     for path in ("./usr/bin/nvml-exporter", "./usr/bin/nvml-remediator",
                  "./usr/share/prometheus-nvml-exporter/pynvml.py",
+                 "./usr/share/prometheus-nvml-exporter/nvml_exporter/httpd/server.py",
                  "./usr/share/prometheus-nvml-exporter/rules/nvml-exporter-alerts.yml",
                  "./usr/share/prometheus-nvml-exporter/dashboards/nvml-exporter-node.json",
                  "./usr/share/doc/prometheus-nvml-exporter/runbooks/GpuLost.md",

@@ -217,7 +217,8 @@ class Connection:
         data = "".join(head).encode("latin-1")
         if request is not None and request.method == "HEAD":
             chunks = []
-        self.sock.settimeout(self.limits.request_timeout)  # a client that stops reading does not hold us
+        if self.sock.gettimeout() != self.limits.request_timeout:  # (a system call; mostly already so)
+            self.sock.settimeout(self.limits.request_timeout)  # a client that stops reading does not hold us
         if isinstance(self.sock, ssl.SSLSocket):  # TLS has no scatter-gather send
             self.sock.sendall(b"".join([data, *chunks]))
         else:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import logging
+import os
 import queue
 import socket
 import socketserver
@@ -18,6 +20,7 @@ from .protocol import Limits
 
 log = logging.getLogger("nvml_exporter.http")
 
+_NO_RESOURCES = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 _TOO_MANY_BODY = b"too many connections\n"
 _TOO_MANY = (f"HTTP/1.1 503 Service Unavailable\r\nContent-Type: {TEXT}\r\n"
              f"Content-Length: {len(_TOO_MANY_BODY)}\r\nConnection: close\r\n\r\n").encode() + _TOO_MANY_BODY
@@ -100,6 +103,7 @@ class Server(socketserver.TCPServer):
         self.server_header, self.on_refused = server_header, on_refused
         self.errors = RateLimited(log, interval=10.0)
         self.pool = Pool(self._serve_connection, self.errors)
+        self._accept_pause = 0.005  # seconds, doubled up to 1 s while accept() finds no file descriptor
         if host == "":
             address = ("::", address[1])
         if sock is None:
@@ -120,6 +124,25 @@ class Server(socketserver.TCPServer):
         if self.address_family == socket.AF_INET6:
             self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)  # also serve IPv4
         super().server_bind()
+
+    def get_request(self) -> tuple[socket.socket, Any]:
+        """accept(); out of file descriptors (or memory), wait a moment before the next try instead of
+        spinning on a listening socket that stays readable (a core at 100 %, as http.server does)."""
+        try:
+            pair = super().get_request()
+        except OSError as e:
+            if e.errno in _NO_RESOURCES:
+                self.errors.log(logging.ERROR, "cannot accept a connection; pausing", key="accept",
+                                extra={"error": os.strerror(e.errno or 0), "pause_s": self._accept_pause})
+                time.sleep(self._accept_pause)
+                self._accept_pause = min(self._accept_pause * 2, 1.0)
+            raise
+        self._accept_pause = 0.005
+        return pair
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """socketserver's last resort for what process_request raised: logged, rate-limited (not printed)."""
+        self.errors.log(logging.ERROR, "connection not served", key="handle_error", exc_info=True)
 
     def process_request(self, request: Any, client_address: Any) -> None:
         """In the accepting thread: nothing here may wait on the client (no TLS handshake, no read)."""
