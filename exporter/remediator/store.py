@@ -145,6 +145,8 @@ class Store:
                     if self._db.in_transaction:
                         self._db.execute("ROLLBACK")
                     raise
+            except (sqlite3.IntegrityError, sqlite3.ProgrammingError, sqlite3.InterfaceError):
+                raise  # a bug in a statement, not the storage failing
             except sqlite3.Error as e:
                 self.health.failed("queue", e)
                 raise StorageError(f"queue: {e}") from None
@@ -155,7 +157,10 @@ class Store:
         with self._lock:
             try:
                 return self._db.execute(sql, args).fetchone()
-            except sqlite3.Error as e:
+            except (sqlite3.IntegrityError, sqlite3.ProgrammingError, sqlite3.InterfaceError):
+                raise  # a bug in a statement, not the storage failing
+            except sqlite3.Error as e:  # an unreadable disk: as a failed write (the probe clears it)
+                self.health.failed("queue", e)
                 raise StorageError(f"queue: {e}") from None
 
     def enqueue(self, jobs: Iterable[tuple[str, str, str, dict[str, Any], list[str]]]) -> list[bool]:
