@@ -12,6 +12,7 @@ import http.client
 import json
 import os
 import re
+import resource
 import signal
 import socket
 import ssl
@@ -529,3 +530,28 @@ def test_refused_body_is_never_read_as_the_next_request(workdir: Path, remediato
     body = smuggled + b" " * (100 - len(smuggled))
     answer = raw_exchange(r.port, webhook_head(len(body)) + body)
     assert answer.startswith(b"HTTP/1.1 413") and answer.count(b"HTTP/1.1 ") == 1, answer
+
+
+def _cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def test_out_of_file_descriptors_it_waits_instead_of_spinning(workdir: Path, remediators: list[Remediator]) -> None:
+    """M2: at the file-descriptor limit the remediator's accept loop spun at 99 % CPU and refused
+    webhooks; now it pauses while accept() finds no descriptor, and serves again once some are free."""
+    policy(workdir, DRAIN_RULES)
+    r = run(workdir, remediators, "--web.max-connections=1000")
+    resource.prlimit(r.proc.pid, resource.RLIMIT_NOFILE, (48, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+    clients = [socket.create_connection(("127.0.0.1", r.port), timeout=10) for _ in range(60)]
+    try:
+        time.sleep(0.5)
+        before = _cpu_seconds(r.proc.pid)
+        time.sleep(3.0)
+        spent = _cpu_seconds(r.proc.pid) - before
+        assert spent < 0.5, f"the accept loop spent {spent:.2f} s of CPU in 3 s at the descriptor limit"
+    finally:
+        for c in clients:
+            c.close()
+    wait_for(lambda: raw_exchange(r.port, b"GET /-/healthy HTTP/1.0\r\n\r\n").endswith(b"OK\n"), timeout=20)
+    assert r.post(payload(alert())) == (200, {"queued": 1, "skipped": {}})
