@@ -305,8 +305,9 @@ class Engine:
             # started before and never finished: the process died in it, or could not record how it ended
             resumed = self.store.step_started(job.key, index)
             if resumed and step.kind not in REPEATABLE_STEPS:
-                outcome = Outcome("interrupted", reason=f"{step.name} was running when the remediator stopped; "
-                                                         "not repeated (it may have run): check the node by hand")
+                outcome = Outcome("interrupted", reason=f"{step.name} was started and its end never recorded (the "
+                                                         "remediator stopped, or could not write its state); not "
+                                                         "repeated (it may have run): check the node by hand")
             else:
                 with self._count:
                     self._running += 1
