@@ -106,6 +106,8 @@ class WebConfig:
             hashed = self.users.get(user)
             # an unknown user costs what a wrong password does, so that user names cannot be told by time
             ok = bcrypt.checkpw(secret, hashed if hashed is not None else self._dummy_hash())
+        except ValueError:  # a hash load() would have refused, given to WebConfig directly: no match
+            ok = False
         finally:
             self._slots.release()
         if not ok or hashed is None:

@@ -39,6 +39,8 @@ class Exchange:
                 headers: Mapping[str, str] | None = None, close: bool = False) -> None:
         """Send the answer (once): a list of byte blocks goes out without being joined. The connection
         closes after it when `close`, when the client asked, or when the status is one of CLOSES."""
+        if self._answered:
+            raise RuntimeError("a request answered twice")
         self._answered = True
         self._conn.send(self.request, status, body, content_type, headers, close)
 
@@ -59,7 +61,7 @@ class Connection:
                  on_refused: Callable[[int, str], None] | None = None, accepted: float | None = None):
         self.sock, self.peer, self.handler, self.limits = sock, peer, handler, limits
         self.headers, self.server_header, self.errors, self.on_refused = headers, server_header, errors, on_refused
-        self._buffer = b""
+        self._buffer = bytearray()  # received and not yet part of a request read
         self._closing = False  # the last answer said Connection: close
         self._date: tuple[int, str] = (0, "")
         # the first request's deadline runs from the accept, handshake included
@@ -123,10 +125,12 @@ class Connection:
     def _read_request(self, first: bool) -> Request | None:
         """The next request, head and body, all within Limits.request_timeout from its first byte (from
         the accept for a connection's first request); None when the client closed or stayed idle between
-        requests. The body is read here, before any application code (authentication included) runs."""
-        limits = self.limits
+        requests. The body is read here, before any application code (authentication included) runs.
+        The buffer grows in place and is searched only where new bytes came: a client sending a byte at
+        a time costs linear, not quadratic, work."""
+        limits, buf = self.limits, self._buffer
         deadline = self._deadline
-        if not first and not self._buffer:  # kept alive: wait for the next request to begin
+        if not first and not buf:  # kept alive: wait for the next request to begin
             self.sock.settimeout(limits.idle_timeout)
             try:
                 chunk = self.sock.recv(65536)
@@ -134,35 +138,43 @@ class Connection:
                 return None
             if not chunk:
                 return None
-            self._buffer = chunk
+            buf += chunk
         if not first:
             deadline = time.monotonic() + limits.request_timeout
-        while (end := self._buffer.find(b"\r\n\r\n")) < 0:
-            if len(self._buffer) > limits.max_head:
+        scanned = 0
+        while True:
+            if buf[:1] in (b"\r", b"\n"):  # blank lines before a request are allowed
+                del buf[:len(buf) - len(buf.lstrip(b"\r\n"))]
+                scanned = 0
+            if (end := buf.find(b"\r\n\r\n", scanned)) >= 0:
+                break
+            if len(buf) > limits.max_head:
                 raise BadRequest(431, "request head too large")
+            scanned = max(0, len(buf) - 3)
             try:
                 chunk = self._recv(deadline, "request")
             except BadRequest:
-                if not self._buffer.strip(b"\r\n"):
+                if not buf:
                     return None  # nothing of a request yet: a connection opened and left idle
                 raise
             if not chunk:
-                if self._buffer.strip(b"\r\n"):
+                if buf:
                     raise BadRequest(400, "connection closed in the middle of a request")
                 return None
-            self._buffer = (self._buffer + chunk).lstrip(b"\r\n")  # blank lines before a request are allowed
+            buf += chunk
         if end > limits.max_head:
             raise BadRequest(431, "request head too large")
-        request = parse_head(self._buffer[:end])
-        self._buffer = self._buffer[end + 4:]
+        request = parse_head(bytes(buf[:end]))
+        del buf[:end + 4]
         length = content_length(request, limits.max_body)
         if length:
-            while len(self._buffer) < length:
+            while len(buf) < length:
                 chunk = self._recv(deadline, "request body")
                 if not chunk:
                     raise BadRequest(400, "connection closed in the middle of a request body")
-                self._buffer += chunk
-            request.body, self._buffer = self._buffer[:length], self._buffer[length:]
+                buf += chunk
+            request.body = bytes(buf[:length])
+            del buf[:length]
         return request
 
     def _refuse(self, code: int, message: str) -> None:
