@@ -120,7 +120,11 @@ class Remediator:
             with urllib.request.urlopen(req, timeout=10) as r:
                 return r.status, json.loads(r.read())
         except urllib.error.HTTPError as e:
-            return e.code, json.loads(e.read() or b"{}")
+            text = e.read()
+            try:
+                return e.code, json.loads(text or b"{}")
+            except ValueError:  # the HTTP layer's own refusals (400, 408, 413) are plain text
+                return e.code, {"error": text.decode(errors="replace").strip()}
 
     def audit(self) -> list[dict[str, Any]]:
         path = self.directory / "audit.jsonl"
@@ -129,9 +133,22 @@ class Remediator:
     def events(self, event: str) -> list[dict[str, Any]]:
         return [r for r in self.audit() if r["event"] == event]
 
-    def metrics(self) -> str:
-        with urllib.request.urlopen(self.url + "/metrics", timeout=10) as r:
-            return r.read().decode()
+    def get(self, path: str, token: str | None = TOKEN) -> tuple[int, str]:
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        try:
+            with urllib.request.urlopen(urllib.request.Request(self.url + path, headers=headers), timeout=10) as r:
+                return r.status, r.read().decode()
+        except urllib.error.HTTPError as e:
+            return e.code, e.read().decode()
+
+    def metrics(self, token: str | None = TOKEN) -> str:
+        """GET /metrics, which needs the webhook's credentials."""
+        status, body = self.get("/metrics", token)
+        assert status == 200, body
+        return body
+
+    def log(self) -> str:
+        return (self.directory / f"remediator-{self.port}.log").read_text()
 
     def kill(self) -> None:
         self.proc.send_signal(signal.SIGKILL)

@@ -12,26 +12,27 @@ privileges its enabled actions need, no more.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hmac
 import ipaddress
 import json
 import logging
 import os
 import signal
-import socket
 import sys
 import threading
 from collections.abc import Sequence
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from dataclasses import dataclass, field
 from typing import Any, NoReturn
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, generate_latest
 
 from .. import __version__, logs, webconfig
+from ..httpd import TEXT, Exchange, Limits, Server
 from ..webconfig import parse_listen_address
 from . import policy as policy_mod
 from .engine import Engine, PayloadError, Runner, plan, resume
-from .store import Audit, Store
+from .store import Audit, StorageError, StorageHealth, Store
 
 log = logging.getLogger("nvml_remediator")
 
@@ -41,6 +42,9 @@ class Metrics:
         self.registry = CollectorRegistry()
         self.received = Counter("nvml_remediator_webhooks_received", "Webhook requests, by how they were answered.",
                                 ["result"], registry=self.registry)
+        self.refused = Counter("nvml_remediator_requests_refused",
+                               "Requests refused (any path), by HTTP status: counted here and logged at most "
+                               "every 10 s, never written to the audit log.", ["code"], registry=self.registry)
         self.alerts = Counter("nvml_remediator_alerts", "Alerts received, by what became of them.", ["outcome"],
                               registry=self.registry)
         self.actions = Counter("nvml_remediator_actions", "Steps carried out or refused, by action and result.",
@@ -48,122 +52,167 @@ class Metrics:
         self.breaker = Gauge("nvml_remediator_circuit_breaker_open", "1 while the circuit breaker stops all actions.",
                              registry=self.registry)
         self.queue = Gauge("nvml_remediator_queue_depth", "Jobs queued or running.", registry=self.registry)
+        self.storage_ok = Gauge("nvml_remediator_storage_ok",
+                                "1 while the queue and the audit log can be written; 0 while not (a full disk): "
+                                "webhooks are answered 503 and no job runs.", registry=self.registry)
+        self.storage_errors = Counter("nvml_remediator_storage_errors",
+                                      "Failed writes of the remediator's state, by store (queue, audit).",
+                                      ["store"], registry=self.registry)
         self.dry_run = Gauge("nvml_remediator_dry_run", "1 when actions are only logged (no --execute).",
                              registry=self.registry)
         self.info = Gauge("nvml_remediator_build_info", "Build of the remediator; always 1.", ["version"],
                           registry=self.registry)
         self.info.labels(__version__).set(1)
+        self.storage_ok.set(1)
+        for store in ("queue", "audit"):
+            self.storage_errors.labels(store)
+
+
+@dataclass
+class Answer:
+    status: int
+    body: bytes
+    content_type: str = "application/json"
+    headers: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def json(cls, status: int, body: dict[str, Any], headers: dict[str, str] | None = None) -> Answer:
+        return cls(status, (json.dumps(body) + "\n").encode(), "application/json", headers or {})
 
 
 class App:
-    def __init__(self, engine: Engine, metrics: Metrics, token: str | None, web: webconfig.WebConfig,
-                 max_bytes: int):
-        self.engine, self.metrics, self.token, self.web, self.max_bytes = engine, metrics, token, web, max_bytes
+    """The remediator's routes, on the shared HTTP layer (httpd), which reads each request whole under
+    one deadline, caps connections, does TLS off the accept loop and refuses what is malformed. Routes:
+    POST /webhook and GET /metrics (both need the credentials), /-/healthy and /-/ready (open: they
+    tell only whether it runs and can queue)."""
 
-    def authorized(self, header: str | None) -> bool:
+    def __init__(self, engine: Engine, metrics: Metrics, token: str | None, web: webconfig.WebConfig):
+        self.engine, self.metrics, self.token, self.web = engine, metrics, token, web
+        self.refusals = logs.RateLimited(log, interval=10.0)
+
+    def auth(self, header: str | None) -> webconfig.Auth:
         if self.token is None:
-            return self.web.authorized(header)  # mTLS or basic auth from the web config, or --insecure-no-auth
+            return self.web.check(header)  # mTLS or basic auth from the web config, or --insecure-no-auth
         presented = header[7:] if header and header.startswith("Bearer ") else ""
-        return hmac.compare_digest(presented.encode(), self.token.encode())
+        ok = hmac.compare_digest(presented.encode(), self.token.encode())
+        return webconfig.Auth.OK if ok else webconfig.Auth.DENIED
 
+    def refused(self, status: int, message: str, peer: str = "") -> None:
+        """Every refusal, the layer's (bad request, 408, 413, too many connections) and the routes', is
+        counted and logged at most once per status per 10 s — never audited: the audit log is fsynced,
+        and an unauthenticated client must not be able to fill the disk with it."""
+        self.metrics.refused.labels(str(status)).inc()
+        self.refusals.log(logging.WARNING, "request refused", key=status,
+                          extra={"status": status, "reason": message, **({"peer": peer} if peer else {})})
 
-class Handler(BaseHTTPRequestHandler):
-    server: Server
-    protocol_version = "HTTP/1.1"
-    timeout = 30
-    server_version = f"nvml-remediator/{__version__}"
-
-    def log_message(self, format: str, *args: Any) -> None:
-        log.debug(format % args)
-
-    def _send(self, code: int, body: dict[str, Any] | bytes, content_type: str = "application/json") -> None:
-        data = body if isinstance(body, bytes) else (json.dumps(body) + "\n").encode()
-        self.send_response(code)
-        self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(data)))
-        for k, v in self.server.app.web.headers.items():
-            self.send_header(k, v)
-        self.end_headers()
-        self.wfile.write(data)
-
-    def do_GET(self) -> None:
-        app = self.server.app
-        if self.path == "/metrics":
-            app.metrics.breaker.set(1 if app.engine.store.breaker() else 0)
-            app.metrics.queue.set(app.engine.store.queue_depth())
-            self._send(200, generate_latest(app.metrics.registry), CONTENT_TYPE_LATEST)
-        elif self.path in ("/-/healthy", "/-/ready"):
-            self._send(200, b"OK\n", "text/plain")
+    def __call__(self, ex: Exchange) -> None:
+        req = ex.request
+        authorization = req.headers.get("authorization")
+        if req.method in ("GET", "HEAD"):
+            answer = self.get(req.path, authorization, ex.peer)
+        elif req.method == "POST" and req.path == "/webhook":
+            if "content-length" not in req.headers:
+                answer = self._refuse(411, "bad_request", "Content-Length required", ex.peer)
+            else:
+                answer = self.webhook(authorization, req.body, ex.peer)
+        elif req.method == "POST":
+            answer = self._refuse(404, "not_found", "POST to /webhook", ex.peer)
         else:
-            self._send(404, {"error": "not found"})
+            answer = self._refuse(405, None, "GET, HEAD or POST", ex.peer, {"Allow": "GET, HEAD, POST"})
+        ex.respond(answer.status, answer.body, answer.content_type, answer.headers)
 
-    def do_POST(self) -> None:
-        app = self.server.app
-        m = app.metrics
+    def _refuse(self, status: int, result: str | None, message: str, peer: str,
+                headers: dict[str, str] | None = None) -> Answer:
+        if result is not None:
+            self.metrics.received.labels(result).inc()
+        self.refused(status, message, peer)
+        return Answer.json(status, {"error": message}, headers)
 
-        def refuse(code: int, result: str, message: str) -> None:
-            m.received.labels(result).inc()
-            app.engine.audit.write("request_refused", status=code, reason=message, peer=self.client_address[0])
-            self._send(code, {"error": message})
+    def _unauthorized(self, auth: webconfig.Auth, result: str | None, peer: str) -> Answer:
+        if auth is webconfig.Auth.BUSY:  # every bcrypt slot taken: try again (Alertmanager retries a 503)
+            return self._refuse(503, result and "unavailable", "too many password checks at once; try again",
+                                peer, {"Retry-After": "1"})
+        challenge = {"WWW-Authenticate": 'Basic realm="nvml-remediator"'} if self.token is None else {}
+        return self._refuse(401, result, "missing or wrong credentials", peer, challenge)
 
-        if self.path != "/webhook":
-            return refuse(404, "not_found", "POST to /webhook")
-        if not app.authorized(self.headers.get("Authorization")):
-            return refuse(401, "unauthorized", "missing or wrong credentials")
+    def get(self, path: str, authorization: str | None, peer: str) -> Answer:
+        if path in ("/-/healthy", "/-/ready"):
+            health = self.engine.health
+            if path == "/-/ready" and not health.healthy:
+                return Answer(503, f"cannot write the remediator's state: {health.reason()}\n".encode(), TEXT)
+            return Answer(200, b"OK\n", TEXT)
+        if path != "/metrics":
+            return self._refuse(404, None, "not found", peer)
+        auth = self.auth(authorization)
+        if auth is not webconfig.Auth.OK:
+            return self._unauthorized(auth, None, peer)
+        m, store = self.metrics, self.engine.store
+        m.storage_ok.set(1 if self.engine.health.healthy else 0)
         try:
-            length = int(self.headers.get("Content-Length", ""))
-        except ValueError:
-            return refuse(411, "bad_request", "Content-Length required")
-        if length > app.max_bytes:
-            return refuse(413, "too_large", f"body of {length} bytes is over the limit of {app.max_bytes}")
-        body = self.rfile.read(length)
+            m.breaker.set(1 if store.breaker() else 0)
+            m.queue.set(store.queue_depth())
+        except StorageError as e:  # the rest of the page still says what is wrong
+            log.debug("cannot read the queue for /metrics", extra={"error": str(e)})
+        return Answer(200, generate_latest(m.registry), CONTENT_TYPE_LATEST)
+
+    def webhook(self, authorization: str | None, body: bytes, peer: str) -> Answer:
+        """The body was read whole by the layer (at most --web.max-request-bytes, else 413)."""
+        app, m = self.engine, self.metrics
+        auth = self.auth(authorization)
+        if auth is not webconfig.Auth.OK:
+            return self._unauthorized(auth, "unauthorized", peer)
         try:
             payload = json.loads(body)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            return refuse(400, "bad_request", f"body is not JSON: {e}")
+        except RecursionError:
+            return self._refuse(400, "bad_request", "body is not JSON: nested too deeply", peer)
+        except ValueError as e:  # also a number past Python's int-string limit, and bytes that are not UTF-8
+            return self._refuse(400, "bad_request", f"body is not JSON: {e}", peer)
         try:
-            verdicts = plan(payload, app.engine.policy, app.engine.audit)
+            verdicts = plan(payload, app.policy, app.audit)
+            fresh = app.store.enqueue([(p.key, p.node, p.rule, p.alert, p.steps) for p in verdicts.planned])
+            for p, new in zip(verdicts.planned, fresh, strict=True):
+                app.audit.write("queued" if new else "duplicate", key=p.key, node=p.node, rule=p.rule)
         except PayloadError as e:
-            return refuse(400, "bad_request", str(e))
-        try:
-            fresh = app.engine.store.enqueue([(p.key, p.node, p.rule, p.alert, p.steps) for p in verdicts.planned])
-        except Exception as e:  # the one case Alertmanager should retry: we could not queue durably
-            log.exception("cannot queue")
+            return self._refuse(400, "bad_request", str(e), peer)
+        except RecursionError:
+            return self._refuse(400, "bad_request", "payload nested too deeply", peer)
+        except StorageError as e:
+            # the one case Alertmanager should retry: the alerts could not be queued and audited durably
+            # (what was queued before the failure is a duplicate on the retry, and runs once)
             m.received.labels("unavailable").inc()
-            return self._send(503, {"error": f"cannot queue: {e}"})
-        for p, new in zip(verdicts.planned, fresh, strict=True):
-            app.engine.audit.write("queued" if new else "duplicate", key=p.key, node=p.node, rule=p.rule)
-            if not new:
-                verdicts.skip("duplicate")
+            m.refused.labels("503").inc()
+            return Answer.json(503, {"error": f"cannot record the alerts durably ({e}); retry later"})
+        for _ in range(fresh.count(False)):
+            verdicts.skip("duplicate")
         queued = sum(fresh)
         m.alerts.labels("queued").inc(queued)
         for why, n in verdicts.skipped.items():
             m.alerts.labels(why).inc(n)
         m.received.labels("accepted").inc()
-        app.engine.notify()
-        self._send(200, {"queued": queued, "skipped": verdicts.skipped})
-
-
-class Server(ThreadingHTTPServer):
-    daemon_threads = True
-    allow_reuse_address = True
-
-    def __init__(self, address: tuple[str, int], app: App):
-        self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
-        self.app = app
-        super().__init__(address, Handler)
-
-    def get_request(self) -> tuple[socket.socket, Any]:
-        sock, addr = super().get_request()
-        ctx = self.app.web.ssl_context
-        if ctx is not None:
-            sock = ctx.wrap_socket(sock, server_side=True)
-        return sock, addr
+        app.notify()
+        return Answer.json(200, {"queued": queued, "skipped": verdicts.skipped})
 
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"want a positive integer, not {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"want a positive integer, not {value}")
+    return value
+
+
+def _seconds(text: str) -> float:
+    try:
+        return policy_mod.duration(text, "")
+    except policy_mod.PolicyError:
+        raise argparse.ArgumentTypeError(f"want a duration such as 30s or 500ms, not {text!r}") from None
 
 
 def _loopback(host: str) -> bool:
@@ -181,13 +230,19 @@ def serve(argv: Sequence[str]) -> int:
     p.add_argument("--web.listen-address", dest="listen", default="127.0.0.1:9401")
     p.add_argument("--web.config.file", dest="web_config",
                    help="TLS / mTLS (client_auth_type) in exporter-toolkit form")
-    p.add_argument("--web.max-request-bytes", dest="max_bytes", type=int, default=1 << 20)
+    p.add_argument("--web.max-request-bytes", dest="max_bytes", type=_positive, default=1 << 20,
+                   help="largest webhook body accepted (413 past it; default 1 MiB)")
+    p.add_argument("--web.max-connections", dest="max_connections", type=_positive, default=64,
+                   help="connections served at once; more get a 503 (default 64)")
+    p.add_argument("--web.request-timeout", dest="request_timeout", type=_seconds, default=30.0,
+                   help="a whole request (TLS handshake, head and body) must arrive within this; 408 past it "
+                        "(default 30s)")
     p.add_argument("--auth.token-file", dest="token_file", help="file holding the bearer token Alertmanager sends")
     p.add_argument("--insecure-no-auth", action="store_true", help="allow no authentication (loopback only)")
     p.add_argument("--audit.log", dest="audit_log", default="/var/lib/prometheus-nvml-exporter/remediator-audit.jsonl")
     p.add_argument("--storage.path", dest="storage", default="/var/lib/prometheus-nvml-exporter")
     p.add_argument("--execute", action="store_true", help="really run actions (default: dry run, log only)")
-    p.add_argument("--workers", type=int, default=4)
+    p.add_argument("--workers", type=_positive, default=4, help="jobs run at once (never two on one node)")
     p.add_argument("--log.level", dest="log_level", choices=sorted(logs.LEVELS), default="info")
     p.add_argument("--log.format", dest="log_format", choices=("logfmt", "json"), default="logfmt")
     args = p.parse_args(argv)
@@ -217,19 +272,26 @@ def serve(argv: Sequence[str]) -> int:
                     "--web.config.file)")
         if not _loopback(host):
             p.error("--insecure-no-auth is only allowed on a loopback address")
-    try:
-        os.makedirs(args.storage, exist_ok=True)
-        store = Store(os.path.join(args.storage, "remediator.sqlite"))
-        audit = Audit(args.audit_log)
-    except OSError as e:
-        p.error(f"cannot open state: {e}")
     metrics = Metrics()
     metrics.dry_run.set(0 if args.execute else 1)
+    health = StorageHealth(on_error=lambda store: metrics.storage_errors.labels(store).inc())
+    try:
+        os.makedirs(args.storage, exist_ok=True)
+        store = Store(os.path.join(args.storage, "remediator.sqlite"), health=health)
+        audit = Audit(args.audit_log, health=health)
+    except OSError as e:
+        p.error(f"cannot open state: {e.filename or args.storage}: {e.strerror or e}")
+    except StorageError as e:
+        p.error(f"cannot open state: {e}")
     runner = Runner({"PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"), "LANG": "C.UTF-8"})
     engine = Engine(policy, store, audit, execute=args.execute, runner=runner, workers=args.workers,
                     on_outcome=lambda action, result: metrics.actions.labels(action, result).inc())
+    app = App(engine, metrics, token, web)
+    limits = Limits(request_timeout=args.request_timeout, idle_timeout=args.request_timeout, max_body=args.max_bytes,
+                    max_connections=args.max_connections)
     try:
-        server = Server((host, port), App(engine, metrics, token, web, args.max_bytes))
+        server = Server((host, port), app, limits=limits, ssl_context=web.ssl_context, headers=web.headers,
+                        server_header=f"nvml-remediator/{__version__}", on_refused=app.refused)
     except OSError as e:
         print(f"nvml-remediator: error: cannot listen on {host}:{port}: {e.strerror}", file=sys.stderr)
         return 1
@@ -239,15 +301,25 @@ def serve(argv: Sequence[str]) -> int:
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
-    engine.start()
-    audit.write("started", execute=args.execute, rules=[r.name for r in policy.rules], version=__version__)
+    try:
+        engine.start()
+        audit.write("started", execute=args.execute, rules=[r.name for r in policy.rules], version=__version__)
+    except StorageError as e:  # a full disk at start: say so and let systemd try again
+        server.server_close()
+        p.error(f"cannot write state: {e}")
     log.info("listening", extra={"address": f"{host}:{server.server_address[1]}", "execute": args.execute,
                                   "rules": len(policy.rules)})
     try:
         server.serve_forever()
     finally:
-        engine.stop()
+        # No new webhook, job or step; a running step finishes within its timeout (the unit's
+        # TimeoutStopSec covers the longest), its job resumes at its next step at the next start.
         server.server_close()
+        engine.stop()
+        engine.join()
+        with contextlib.suppress(StorageError):  # already logged and counted; nothing to do on the way out
+            audit.write("stopped")
+    log.info("stopped")
     return 0
 
 
@@ -288,9 +360,12 @@ def reset_breaker(argv: Sequence[str]) -> int:
     p = _Parser(prog="nvml-remediator reset-breaker", allow_abbrev=False)
     p.add_argument("--storage.path", dest="storage", default="/var/lib/prometheus-nvml-exporter")
     args = p.parse_args(argv)
-    store = Store(os.path.join(args.storage, "remediator.sqlite"))
-    was = store.breaker()
-    store.reset_breaker()
+    try:
+        store = Store(os.path.join(args.storage, "remediator.sqlite"))
+        was = store.breaker()
+        store.reset_breaker()
+    except StorageError as e:
+        p.error(f"cannot reset the breaker: {e}")
     print("circuit breaker reset" + (f" (was open: {was[1]})" if was else " (was closed)"))
     return 0
 

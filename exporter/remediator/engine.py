@@ -19,15 +19,16 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .policy import LOCAL_STEPS, REPEATABLE_STEPS, Policy, Step
-from .store import Audit, Job, Store
+from .store import Audit, Job, StorageError, Store
 
 log = logging.getLogger("nvml_remediator")
 
-NODE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
-UUID = re.compile(r"^GPU-[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$")
-SAFE = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
-FINGERPRINT = re.compile(r"^[0-9a-f]{1,32}$")
-LABEL_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
+# Used with fullmatch only: `$` would also match before a final newline ("node1\n" would pass).
+NODE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
+UUID = re.compile(r"GPU-[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
+SAFE = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
+FINGERPRINT = re.compile(r"[0-9a-f]{1,32}")
+LABEL_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
 OUTPUT_TAIL = 2000
 DEFAULT_COOLDOWNS = {"node": 600.0, "drain_node": 1800.0, "reset_gpu": 86400.0, "checkpoint_signal": 600.0}
 FAILED_OUTCOMES = frozenset({"failed", "timeout", "refused", "circuit_open", "interrupted"})
@@ -103,7 +104,7 @@ def plan(payload: Any, policy: Policy, audit: Audit) -> Verdicts:
                         node=node, **base)
             out.skip("other_node")
             continue
-        if local and not UUID.match(labels.get("uuid", "")):
+        if local and not UUID.fullmatch(labels.get("uuid", "")):
             audit.write("rejected", reason=f"steps {local} need a valid uuid label", node=node, **base)
             out.skip("invalid_label")
             continue
@@ -116,18 +117,18 @@ def plan(payload: Any, policy: Policy, audit: Audit) -> Verdicts:
 
 
 def _invalid(labels: Mapping[str, str], node: str, fingerprint: str, starts: str) -> str:
-    if not NODE.match(node):
+    if not NODE.fullmatch(node):
         return f"node {node!r}"
-    if not FINGERPRINT.match(fingerprint):
+    if not FINGERPRINT.fullmatch(fingerprint):
         return f"fingerprint {fingerprint!r}"
     if not re.fullmatch(r"[0-9T:.Z+-]{10,40}", starts):
         return f"startsAt {starts!r}"
-    if not SAFE.match(labels.get("alertname", "")):
+    if not SAFE.fullmatch(labels.get("alertname", "")):
         return "alertname"
     for name in ("gpu", "xid"):
-        if name in labels and not SAFE.match(labels[name]):
+        if name in labels and not SAFE.fullmatch(labels[name]):
             return name
-    if labels.get("uuid") and not UUID.match(labels["uuid"]):
+    if labels.get("uuid") and not UUID.fullmatch(labels["uuid"]):
         return "uuid"
     return ""
 
@@ -172,41 +173,57 @@ def alert_env(job: Job) -> dict[str, str]:
     labels = job.alert["labels"]
     env = {"AM_NODE": job.node, "AM_FINGERPRINT": job.alert["fingerprint"], "AM_STARTS_AT": job.alert["startsAt"],
            "AM_RULE": job.rule}
-    env.update({f"AM_LABEL_{k.upper()}": v for k, v in labels.items() if LABEL_NAME.match(k)})
+    env.update({f"AM_LABEL_{k.upper()}": v for k, v in labels.items() if LABEL_NAME.fullmatch(k)})
     return env
 
 
 class Engine:
+    PROBE_EVERY = 2.0  # seconds between attempts to write the state again while it cannot be written
+
     def __init__(self, policy: Policy, store: Store, audit: Audit, *, execute: bool, runner: Runner,
                  workers: int = 4, on_outcome: Callable[[str, str], None] = lambda a, r: None,
                  clock: Callable[[], float] = time.time):
         self.policy = policy
         self.store = store
         self.audit = audit
+        self.health = store.health
         self.execute = execute
         self._run = runner
         self._workers = workers
+        self._threads: list[threading.Thread] = []
         self._on_outcome = on_outcome
         self._clock = clock
         self._wake = threading.Condition()
         self._busy: set[str] = set()
+        self._running = 0  # steps running now (for the log line at a stop), under _count
+        self._count = threading.Lock()
         self._stop = threading.Event()
         self._breaker_lock = threading.Lock()
         self.cooldowns = {**DEFAULT_COOLDOWNS, **policy.cooldowns}
-        self._interrupted: set[int] = set()  # jobs a previous process was running when it stopped
 
     # -- queue ---------------------------------------------------------------------------------
     def start(self) -> None:
         for job in self.store.recover():
-            self._interrupted.add(job.id)
             self.audit.write("recovered", key=job.key, node=job.node, next_step=job.next_step, steps=job.steps)
-        for i in range(self._workers):
-            threading.Thread(target=self._work, name=f"remediate-{i}", daemon=True).start()
+        self._threads = [threading.Thread(target=self._work, name=f"remediate-{i}", daemon=True)
+                         for i in range(self._workers)]
+        self._threads.append(threading.Thread(target=self._watch_storage, name="storage-probe", daemon=True))
+        for t in self._threads:
+            t.start()
 
     def stop(self) -> None:
+        """No new job or step starts; a running step finishes (each command is bounded by its timeout)
+        and its job waits in the queue, at its next step, for the next start."""
         self._stop.set()
         with self._wake:
             self._wake.notify_all()
+
+    def join(self) -> None:
+        if self._running:
+            log.info("stopping: waiting for running steps to finish (each is bounded by its timeout)",
+                     extra={"steps": self._running})
+        for t in self._threads:
+            t.join()
 
     def notify(self) -> None:
         with self._wake:
@@ -214,44 +231,96 @@ class Engine:
 
     def _work(self) -> None:
         while not self._stop.is_set():
-            with self._wake:
-                job = self.store.claim(self._busy)
-                if job is None:
-                    self._wake.wait(1.0)
-                    continue
-                self._busy.add(job.node)  # one job at a time per node
+            if not self.health.healthy:  # the storage probe says when the state can be written again
+                self._stop.wait(0.5)
+                continue
+            try:
+                with self._wake:
+                    job = self.store.claim(self._busy)
+                    if job is None:
+                        self._wake.wait(1.0)
+                        continue
+                    self._busy.add(job.node)  # one job at a time per node
+            except StorageError:
+                continue  # counted and logged by the health; wait for it
             try:
                 self._run_job(job)
+            except StorageError:
+                self._hold(job)
             except Exception as e:  # a bug must not kill the worker: record it and fail the job
                 log.exception("job failed unexpectedly")
-                self.audit.write("failed", key=job.key, node=job.node, reason=f"internal error: {e}")
-                self.store.advance(job, job.next_step, "failed")
+                try:
+                    self.audit.write("failed", key=job.key, node=job.node, reason=f"internal error: {e}")
+                    self.store.advance(job, job.next_step, "failed")
+                except StorageError:
+                    self._hold(job)
             finally:
                 with self._wake:
                     self._busy.discard(job.node)
                     self._wake.notify_all()
 
+    def _hold(self, job: Job) -> None:
+        """A job whose progress could not be recorded: back to the queue once the state can be written,
+        to go on from its last recorded step (a step that was started runs again only if it is
+        repeatable). Stopping first leaves it 'running', which the next start recovers the same way."""
+        while not self._stop.is_set():
+            if self.health.healthy:
+                try:
+                    self.store.release(job)
+                    return
+                except StorageError:
+                    pass
+            self._stop.wait(0.5)
+
+    def _watch_storage(self) -> None:
+        """While the state cannot be written, try a small write every few seconds: readiness and the
+        workers come back on their own once space is freed."""
+        while not self._stop.wait(self.PROBE_EVERY):
+            if self.health.healthy:
+                continue
+            failed_for, reason = self.health.failing_seconds(), self.health.reason()
+            try:
+                self.store.probe()
+                self.audit.write("storage_recovered", failed_seconds=round(failed_for, 1), error=reason)
+            except StorageError:
+                continue
+            self.notify()
+
     # -- one job ---------------------------------------------------------------------------------
     def _run_job(self, job: Job) -> None:
         labels = job.alert["labels"]
         base = {"key": job.key, "node": job.node, "rule": job.rule, "alertname": labels.get("alertname", "")}
-        if job.next_step == 0:
+        if job.next_step == 0 and not self.store.step_started(job.key, 0):
             last = self.store.last_node_action(job.node, job.key)
             if last is not None and self._clock() - last < self.cooldowns["node"]:
                 self._finish(job, "cooldown", base, "the node was acted on less than its cooldown ago", len(job.steps))
                 return
         for index in range(job.next_step, len(job.steps)):
+            if self._stop.is_set():  # stopping: the job waits for the next start at this step
+                self.store.advance(job, index, "queued")
+                self.audit.write("paused", reason="the remediator stopped; the job goes on at the next start",
+                                 next_step=index, **base)
+                return
             step = self._step(job.steps[index])
-            if index == job.next_step and job.id in self._interrupted and step.kind not in REPEATABLE_STEPS:
-                outcome = Outcome("interrupted", reason=f"{step.name} was running when the remediator stopped; "
-                                                         "not repeated (it may have run): check the node by hand")
+            # started before and never finished: the process died in it, or could not record how it ended
+            resumed = self.store.step_started(job.key, index)
+            if resumed and step.kind not in REPEATABLE_STEPS:
+                outcome = Outcome("interrupted", reason=f"{step.name} was started and its end never recorded (the "
+                                                         "remediator stopped, or could not write its state); not "
+                                                         "repeated (it may have run): check the node by hand")
             else:
-                outcome = self._do(job, step)
+                with self._count:
+                    self._running += 1
+                try:
+                    outcome = self._do(job, step, index, resumed)
+                finally:
+                    with self._count:
+                        self._running -= 1
             self._on_outcome(step.kind, outcome.result)
             self.audit.write("ran" if outcome.result in ("ok", "dry_run") else outcome.result, step=step.name,
                              result=outcome.result, argv=outcome.argv, rc=outcome.rc, output_tail=outcome.output,
                              reason=outcome.reason, duration_seconds=round(outcome.seconds, 3),
-                             dry_run=not self.execute, **base)
+                             dry_run=not self.execute, resumed=resumed, **base)
             if outcome.result in FAILED_OUTCOMES:
                 self.store.advance(job, index + 1, "failed")
                 return
@@ -268,13 +337,15 @@ class Engine:
         kind, _, script = name.partition(":")
         return Step(kind, script)
 
-    def _do(self, job: Job, step: Step) -> Outcome:
+    def _do(self, job: Job, step: Step, index: int, resumed: bool) -> Outcome:
+        """One step. `resumed`: a repeatable step this job started before: it runs again, neither held
+        back by its own cooldown record nor counted a second time by the breaker."""
         if step.kind == "log":
             return Outcome("ok", reason="recorded")
         uuid = job.alert["labels"].get("uuid", "")
         action_key = f"{step.name}:{uuid}" if step.kind == "reset_gpu" else step.name
         cooldown = self.cooldowns.get(step.kind, 0.0)
-        last = self.store.last_action(job.node, action_key)
+        last = self.store.last_action(job.node, action_key, job.key)
         if last is not None and self._clock() - last < cooldown:
             return Outcome("cooldown", reason=f"{step.name} ran on {job.node} {self._clock() - last:.0f}s ago")
         if step.kind == "reset_gpu" and self.execute:
@@ -284,15 +355,16 @@ class Engine:
         with self._breaker_lock:
             if self.store.breaker() is not None:
                 return Outcome("circuit_open", reason="circuit breaker is open: no action until it is reset")
-            recent = self.store.actions_since(self._clock() - self.policy.breaker_window)
-            if recent >= self.policy.breaker_max:
-                reason = (f"{recent} actions in {self.policy.breaker_window:g}s reached the limit of "
-                          f"{self.policy.breaker_max}: stopping all actions")
-                self.store.trip(reason)
-                self.audit.write("breaker_tripped", reason=reason)
-                log.error("circuit breaker tripped", extra={"reason": reason})
-                return Outcome("circuit_open", reason=reason)
-            self.store.record_action(job.node, action_key, job.key)
+            if not resumed:
+                recent = self.store.actions_since(self._clock() - self.policy.breaker_window)
+                if recent >= self.policy.breaker_max:
+                    reason = (f"{recent} actions in {self.policy.breaker_window:g}s reached the limit of "
+                              f"{self.policy.breaker_max}: stopping all actions")
+                    self.store.trip(reason)
+                    self.audit.write("breaker_tripped", reason=reason)
+                    log.error("circuit breaker tripped", extra={"reason": reason})
+                    return Outcome("circuit_open", reason=reason)
+                self.store.record_action(job.node, action_key, job.key, index)
         if step.kind == "drain_node":
             return self._drain(job)
         if step.kind == "checkpoint_signal":
@@ -414,7 +486,7 @@ class Engine:
 def resume(policy: Policy, node: str, runner: Runner) -> tuple[bool, str]:
     """Return a node this tool drained to service — and only such a node: its drain reason (Slurm) or
     annotation (Kubernetes) must carry the remediator's prefix. Someone else's drain is left alone."""
-    if not NODE.match(node):
+    if not NODE.fullmatch(node):
         return False, f"invalid node name {node!r}"
     timeout = policy.timeout("default")
     if policy.scheduler == "slurm":

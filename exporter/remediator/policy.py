@@ -37,8 +37,12 @@ LOCAL_STEPS = frozenset({"checkpoint_signal", "reset_gpu"})
 # Steps that are safe to run again if the process died while running them.
 REPEATABLE_STEPS = frozenset({"log", "drain_node", "checkpoint_signal"})
 SCHEDULERS = ("slurm", "kubernetes", "none")
-MATCHER = re.compile(r'^\s*([A-Za-z_][A-Za-z0-9_]*)\s*(=~|!~|!=|=)\s*"((?:[^"\\]|\\.)*)"\s*$')
-_DURATION = re.compile(r"^(\d+(?:\.\d+)?)(ms|s|m|h|d)$")
+TIMEOUT_KEYS = frozenset({"default", "drain_node", "checkpoint_signal", "reset_gpu", "exec"})
+COOLDOWN_KEYS = frozenset({"node", "drain_node", "checkpoint_signal", "reset_gpu", "exec"})
+LABEL = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")  # a Prometheus label name (fullmatch)
+NODE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")  # as the engine validates alerts' node names
+MATCHER = re.compile(r'\s*([A-Za-z_][A-Za-z0-9_]*)\s*(=~|!~|!=|=)\s*"((?:[^"\\]|\\.)*)"\s*')  # fullmatch
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")  # fullmatch
 _UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
 
 
@@ -117,14 +121,14 @@ class Policy:
 def duration(value: Any, where: str) -> float:
     if isinstance(value, int | float) and not isinstance(value, bool) and value > 0:
         return float(value)
-    m = _DURATION.match(str(value))
+    m = _DURATION.fullmatch(str(value))
     if not m or float(m.group(1)) <= 0:
         raise PolicyError(f"{where}: invalid duration {value!r} (want e.g. 30s, 10m, 24h)")
     return float(m.group(1)) * _UNITS[m.group(2)]
 
 
 def parse_matcher(text: Any, where: str) -> Matcher:
-    m = MATCHER.match(str(text))
+    m = MATCHER.fullmatch(str(text))
     if not m:
         raise PolicyError(f'{where}: bad matcher {text!r} (want label="value", label!="v", label=~"re" or label!~"re")')
     return Matcher(m.group(1), m.group(2), m.group(3).replace('\\"', '"'))
@@ -197,19 +201,28 @@ def parse(raw: dict[str, Any]) -> Policy:
         if any(s.kind == "reset_gpu" for s in steps) and not any(s.kind == "drain_node" for s in steps):
             raise PolicyError(f"{where} ({name}): reset_gpu only after drain_node in the same rule")
         rules.append(Rule(name, tuple(parse_matcher(m, f"{where} ({name})") for m in match), tuple(steps)))
-    timeouts = {str(k): duration(v, f"timeouts.{k}") for k, v in _mapping(raw.get("timeouts"), "timeouts").items()}
-    cooldowns = {str(k): duration(v, f"cooldowns.{k}") for k, v in _mapping(raw.get("cooldowns"), "cooldowns").items()}
+    raw_timeouts = _mapping(raw.get("timeouts"), "timeouts")
+    _unknown(raw_timeouts, set(TIMEOUT_KEYS), "timeouts")  # a misspelt key would silently keep the default
+    timeouts = {str(k): duration(v, f"timeouts.{k}") for k, v in raw_timeouts.items()}
+    raw_cooldowns = _mapping(raw.get("cooldowns"), "cooldowns")
+    _unknown(raw_cooldowns, set(COOLDOWN_KEYS), "cooldowns")
+    cooldowns = {str(k): duration(v, f"cooldowns.{k}") for k, v in raw_cooldowns.items()}
     breaker = _mapping(raw.get("circuit_breaker"), "circuit_breaker")
     _unknown(breaker, {"max_actions", "window"}, "circuit_breaker")
     max_actions = breaker.get("max_actions", 10)
-    if not isinstance(max_actions, int) or max_actions < 1:
-        raise PolicyError("circuit_breaker.max_actions: want a positive integer")
+    if not isinstance(max_actions, int) or isinstance(max_actions, bool) or max_actions < 1:
+        raise PolicyError(f"circuit_breaker.max_actions: want a positive integer, not {max_actions!r}")
+    node_label = raw.get("node_label", "instance")
+    if not isinstance(node_label, str) or not LABEL.fullmatch(node_label):
+        raise PolicyError(f"node_label: want a label name, not {node_label!r}")
+    node = raw.get("node", "any")
+    if not isinstance(node, str) or not NODE_NAME.fullmatch(node):
+        raise PolicyError(f"node: want \"any\" or a node name, not {node!r}")
     prefix = str(raw.get("drain_reason_prefix", "nvml-remediator:"))
     if not re.fullmatch(r"[A-Za-z0-9_.:-]{3,32}", prefix):
         raise PolicyError("drain_reason_prefix: 3-32 characters of letters, digits, _ . : -")
     policy = Policy(
-        rules=tuple(rules), scheduler=scheduler, node=str(raw.get("node", "any")),
-        node_label=str(raw.get("node_label", "instance")), commands=commands, timeouts=timeouts,
+        rules=tuple(rules), scheduler=scheduler, node=node, node_label=node_label, commands=commands, timeouts=timeouts,
         cooldowns=cooldowns, breaker_max=max_actions,
         breaker_window=duration(breaker.get("window", "10m"), "circuit_breaker.window"),
         checkpoint_signal=_signal(raw.get("checkpoint_signal", "SIGUSR1")), scripts=scripts, drain_prefix=prefix,

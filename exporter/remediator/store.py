@@ -4,6 +4,10 @@ audit log (JSON lines, fsynced, and the journal with structured fields when ther
 Nothing that was accepted is lost: a job is committed (synchronous=FULL) before the webhook is
 answered, each finished step is committed before the next starts, and a restart picks up where
 the last process stopped.
+
+Every write that fails (a full disk, an I/O error) raises StorageError and is reported to
+StorageHealth; the first write that succeeds again clears it. The remediator is not ready, and
+answers webhooks 503, while its state cannot be written.
 """
 
 from __future__ import annotations
@@ -37,8 +41,66 @@ CREATE INDEX IF NOT EXISTS jobs_state ON jobs (state);
 CREATE TABLE IF NOT EXISTS actions (node TEXT NOT NULL, action TEXT NOT NULL, at REAL NOT NULL, job TEXT NOT NULL);
 CREATE INDEX IF NOT EXISTS actions_node ON actions (node, action, at);
 CREATE TABLE IF NOT EXISTS breaker (id INTEGER PRIMARY KEY CHECK (id = 1), tripped_at REAL, reason TEXT);
+CREATE TABLE IF NOT EXISTS probe (id INTEGER PRIMARY KEY CHECK (id = 1), at REAL NOT NULL);
 """
+# actions.step (the index of the job's step that recorded it) came later: added to older databases.
+# It tells a step that was started but never finished (the process died) from one that never began.
 KEY_TTL = 7 * 86400.0  # longer than any repeat_interval: a repeat of a done alert stays a duplicate
+
+
+class StorageError(Exception):
+    """The queue or the audit log could not be written (or read): the disk is full, read-only, failing."""
+
+
+class StorageHealth:
+    """Whether the queue and the audit log can be written, and why not. A failure is logged when it
+    starts (then at most once a minute) and when it ends; `on_error(component)` counts each failure."""
+
+    LOG_EVERY = 60.0
+
+    def __init__(self, on_error: Callable[[str], None] = lambda component: None):
+        self._on_error = on_error
+        self._lock = threading.Lock()
+        self._failing: dict[str, str] = {}  # component ("queue", "audit") -> the last error
+        self._since = 0.0
+        self._logged = 0.0
+        self.errors = 0
+
+    @property
+    def healthy(self) -> bool:
+        return not self._failing
+
+    def reason(self) -> str:
+        with self._lock:
+            return "; ".join(f"{c}: {e}" for c, e in sorted(self._failing.items()))
+
+    def failing_seconds(self) -> float:
+        return time.monotonic() - self._since if self._failing else 0.0
+
+    def failed(self, component: str, error: BaseException) -> None:
+        now = time.monotonic()
+        with self._lock:
+            first = not self._failing
+            if first:
+                self._since = now
+            self._failing[component] = str(error) or type(error).__name__
+            self.errors += 1
+            loud = first or now - self._logged >= self.LOG_EVERY
+            if loud:
+                self._logged = now
+        self._on_error(component)
+        if loud:
+            log.error("cannot write the remediator's state: webhooks are answered 503 and no job runs until "
+                      "it can", extra={"component": component, "error": str(error), "errors": self.errors})
+
+    def ok(self, component: str) -> None:
+        if component not in self._failing:  # the common case, without the lock
+            return
+        with self._lock:
+            if self._failing.pop(component, None) is None or self._failing:
+                return
+            seconds = time.monotonic() - self._since
+        log.warning("the remediator's state can be written again; resuming", extra={"failed_seconds": round(seconds)})
 
 
 @dataclass
@@ -54,24 +116,52 @@ class Job:
 
 
 class Store:
-    def __init__(self, path: str, clock: Callable[[], float] = time.time):
+    """Opening raises StorageError (not a traceback) when the database cannot be created or read."""
+
+    def __init__(self, path: str, clock: Callable[[], float] = time.time, health: StorageHealth | None = None):
         self._clock = clock
         self._lock = threading.Lock()
-        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
-        self._db.executescript(SCHEMA)
+        self.health = health or StorageHealth()
+        try:
+            self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.executescript(SCHEMA)
+            if "step" not in {row[1] for row in self._db.execute("PRAGMA table_info(actions)")}:
+                self._db.execute("ALTER TABLE actions ADD COLUMN step INTEGER")
+        except sqlite3.Error as e:
+            raise StorageError(f"{path}: {e}") from None
 
     def _tx(self, fn: Callable[[sqlite3.Connection], Any]) -> Any:
         with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
             try:
-                result = fn(self._db)
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-            self._db.execute("COMMIT")
-            return result
+                self._db.execute("BEGIN IMMEDIATE")
+                try:
+                    result = fn(self._db)
+                    self._db.execute("COMMIT")
+                except BaseException:
+                    # SQLite may already have rolled back (a full disk at COMMIT); a transaction left
+                    # open would make every later BEGIN fail
+                    if self._db.in_transaction:
+                        self._db.execute("ROLLBACK")
+                    raise
+            except (sqlite3.IntegrityError, sqlite3.ProgrammingError, sqlite3.InterfaceError):
+                raise  # a bug in a statement, not the storage failing
+            except sqlite3.Error as e:
+                self.health.failed("queue", e)
+                raise StorageError(f"queue: {e}") from None
+        self.health.ok("queue")
+        return result
+
+    def _read(self, sql: str, args: tuple[Any, ...] = ()) -> Any:
+        with self._lock:
+            try:
+                return self._db.execute(sql, args).fetchone()
+            except (sqlite3.IntegrityError, sqlite3.ProgrammingError, sqlite3.InterfaceError):
+                raise  # a bug in a statement, not the storage failing
+            except sqlite3.Error as e:  # an unreadable disk: as a failed write (the probe clears it)
+                self.health.failed("queue", e)
+                raise StorageError(f"queue: {e}") from None
 
     def enqueue(self, jobs: Iterable[tuple[str, str, str, dict[str, Any], list[str]]]) -> list[bool]:
         """Commit new jobs in one transaction; False for a key already seen (a duplicate delivery)."""
@@ -116,34 +206,42 @@ class Store:
         self._tx(lambda db: db.execute("UPDATE jobs SET next_step = ?, state = ?, updated_at = ? WHERE id = ?",
                                        (next_step, state, self._clock(), job.id)))
 
-    def queue_depth(self) -> int:
-        with self._lock:
-            row = self._db.execute("SELECT count(*) FROM jobs WHERE state IN ('queued', 'running')").fetchone()
-            return int(row[0])
+    def release(self, job: Job) -> None:
+        """Back to the queue as it stands (its finished steps stay finished): run again when it can be."""
+        self._tx(lambda db: db.execute("UPDATE jobs SET state = 'queued', updated_at = ? WHERE id = ? "
+                                       "AND state = 'running'", (self._clock(), job.id)))
 
-    def last_action(self, node: str, action: str) -> float | None:
-        with self._lock:
-            row = self._db.execute("SELECT max(at) FROM actions WHERE node = ? AND action = ?",
-                                   (node, action)).fetchone()
-        return row[0]
+    def probe(self) -> None:
+        """A small real write, to learn whether the database can be written again."""
+        self._tx(lambda db: db.execute("INSERT OR REPLACE INTO probe (id, at) VALUES (1, ?)", (self._clock(),)))
+
+    def queue_depth(self) -> int:
+        return int(self._read("SELECT count(*) FROM jobs WHERE state IN ('queued', 'running')")[0])
+
+    def last_action(self, node: str, action: str, other_than_job: str) -> float | None:
+        """When another job last ran this action on the node (a job's own record is its own step's)."""
+        return self._read("SELECT max(at) FROM actions WHERE node = ? AND action = ? AND job != ?",
+                          (node, action, other_than_job))[0]
 
     def last_node_action(self, node: str, other_than_job: str) -> float | None:
         """When another job last acted on the node (a job's own earlier steps do not count)."""
-        with self._lock:
-            return self._db.execute("SELECT max(at) FROM actions WHERE node = ? AND job != ?",
-                                    (node, other_than_job)).fetchone()[0]
+        return self._read("SELECT max(at) FROM actions WHERE node = ? AND job != ?", (node, other_than_job))[0]
 
-    def record_action(self, node: str, action: str, job: str) -> None:
-        self._tx(lambda db: db.execute("INSERT INTO actions (node, action, at, job) VALUES (?, ?, ?, ?)",
-                                       (node, action, self._clock(), job)))
+    def record_action(self, node: str, action: str, job: str, step: int) -> None:
+        """Recorded before the step runs: it counts for cooldowns and the breaker even if we die in it."""
+        self._tx(lambda db: db.execute("INSERT INTO actions (node, action, at, job, step) VALUES (?, ?, ?, ?, ?)",
+                                       (node, action, self._clock(), job, step)))
+
+    def step_started(self, job: str, step: int) -> bool:
+        """Whether this step of this job was started before (by a process that died or could not record
+        how it ended): the job's next_step only moves on once a step has finished."""
+        return self._read("SELECT 1 FROM actions WHERE job = ? AND step = ? LIMIT 1", (job, step)) is not None
 
     def actions_since(self, since: float) -> int:
-        with self._lock:
-            return int(self._db.execute("SELECT count(*) FROM actions WHERE at >= ?", (since,)).fetchone()[0])
+        return int(self._read("SELECT count(*) FROM actions WHERE at >= ?", (since,))[0])
 
     def breaker(self) -> tuple[float, str] | None:
-        with self._lock:
-            row = self._db.execute("SELECT tripped_at, reason FROM breaker WHERE id = 1").fetchone()
+        row = self._read("SELECT tripped_at, reason FROM breaker WHERE id = 1")
         return (row[0], row[1]) if row and row[0] is not None else None
 
     def trip(self, reason: str) -> None:
@@ -160,10 +258,12 @@ class Store:
 
 
 class Audit:
-    """Append-only JSON lines, each fsynced before it counts; mirrored to the journal if available."""
+    """Append-only JSON lines, each fsynced before it counts; mirrored to the journal if available.
+    A record that cannot be written whole is cut off again, so the file stays one JSON object a line."""
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, health: StorageHealth | None = None):
         self._lock = threading.Lock()
+        self.health = health or StorageHealth()
         self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
         try:
             from systemd import journal  # optional: containers run without it
@@ -176,13 +276,31 @@ class Audit:
         record = {"ts": time.time(), "event": event, **fields}
         line = (json.dumps(record, default=str, sort_keys=True) + "\n").encode()
         with self._lock:
-            os.write(self._fd, line)
-            os.fsync(self._fd)
+            try:
+                self._append(line)
+            except OSError as e:
+                self.health.failed("audit", e)
+                raise StorageError(f"audit log: {e.strerror or e}") from None
+        self.health.ok("audit")
         if self._journal is not None:
             extra = {f"REMEDIATOR_{k.upper()}": json.dumps(v) if not isinstance(v, str) else v
                      for k, v in fields.items()}
             self._journal.send(f"nvml-remediator: {event}", SYSLOG_IDENTIFIER="nvml-remediator",
                                REMEDIATOR_EVENT=event, **extra)
+
+    def _append(self, line: bytes) -> None:
+        end = os.fstat(self._fd).st_size  # only this process appends, under the lock
+        try:
+            written = 0
+            while written < len(line):  # a full disk can take part of a write
+                written += os.write(self._fd, line[written:])
+            os.fsync(self._fd)
+        except OSError:
+            try:
+                os.ftruncate(self._fd, end)
+            except OSError as e:
+                log.error("cannot cut a partly written audit record", extra={"error": str(e)})
+            raise
 
     def close(self) -> None:
         os.close(self._fd)
