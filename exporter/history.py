@@ -197,7 +197,10 @@ class History:
 
     # -- recording --------------------------------------------------------------------------------
     def record_xid(self, uuid: str, code: int, ts: float, message: str = "") -> bool:
-        """An Xid; True when it opened a new incident (or remap event)."""
+        """An Xid; True when it opened a new incident (or remap event). A read-only store records nothing
+        (`nvml-exporter diagnose` reads what the exporter recorded)."""
+        if self.readonly:
+            return False
         if lookup(code).severity == "info" and code not in _RECORDED_CODES and code not in REMAP_XIDS:
             return False
         kind = "remap" if code in REMAP_XIDS else "xid"
@@ -218,6 +221,8 @@ class History:
             return True
 
     def record_reset(self, uuid: str, ts: float, how: str) -> bool:
+        if self.readonly:
+            return False
         with self._lock:
             for r in self._rows.get(uuid, ()):
                 if r.kind == "reset" and abs(r.first_ts - ts) <= RESET_DEDUPE_SECONDS:
@@ -228,6 +233,8 @@ class History:
     def observe_remap(self, uuid: str, counts: dict[str, float], ts: float) -> bool:
         """NVML's remapped-row counters and pending flag; a remap event when any went up. The first
         reading of a GPU is its baseline."""
+        if self.readonly:
+            return False
         now = ",".join(f"{k}={counts[k]:g}" for k in sorted(counts))
         key = f"remap:{uuid}"
         with self._lock:
@@ -369,11 +376,25 @@ class History:
                       "reset": float(sum(1 for r in rows if r.kind == "reset")),
                       "remap": float(sum(1 for r in rows if r.kind == "remap"))}
         gaps = [b - a for a, b in itertools.pairwise(incidents)]
-        hist = {f"{le:g}": float(sum(1 for g in gaps if g <= le)) for le in INTERVAL_BUCKETS}
+        hist = {f"{le:.0f}": float(sum(1 for g in gaps if g <= le)) for le in INTERVAL_BUCKETS}
         hist["+Inf"] = float(len(gaps))
         hist["sum"] = float(sum(gaps))
         hist["count"] = float(len(gaps))
         return totals, hist
+
+
+def row_dict(r: Row) -> dict[str, object]:
+    """A row for people and JSON (`nvml-exporter history`, `diagnose`)."""
+    out: dict[str, object] = {"kind": r.kind, "time": _iso(r.first_ts), "boot_id": r.boot_id, "detail": r.detail}
+    if r.kind in ("xid", "remap") and r.code:
+        x = lookup(r.code)
+        out.update(code=r.code, name=x.name, severity=x.severity, incident=is_incident(r.kind, r.code),
+                   count=r.count, last_time=_iso(r.last_ts))
+    return out
+
+
+def _iso(ts: float) -> str:
+    return datetime.fromtimestamp(ts, timezone.utc).isoformat(timespec="seconds")
 
 
 def _cleared_at(rows: Iterable[Row]) -> float:
