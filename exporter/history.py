@@ -45,6 +45,7 @@ RESET_DEDUPE_SECONDS = 300.0  # the acknowledgement and the counters may both re
 RETENTION_SECONDS = 90 * DAY
 MAX_ROWS = 10_000  # ~1.5 MB of file, a few MB in memory; a storm of distinct incidents keeps the newest
 COMMIT_SECONDS = 0.2  # what is recorded is committed within this
+URGENT_COMMITS = 20  # new events a second committed the moment they are recorded
 KINDS = ("xid", "remap", "reset", "boot", "clear")
 
 # -- escalation, as data ----------------------------------------------------------------------------
@@ -148,7 +149,8 @@ class History:
             self._data_version = -1
             self._rows: dict[str, list[Row]] = {}
             self._state: dict[str, str] = {}
-            self._committed_at = float("-inf")
+            self._committed_at = self._second = float("-inf")
+            self._urgent = 0
             self._timer: threading.Timer | None = None
             self.version = 0  # bumped on every change the escalation may see
             self._inserts = 0
@@ -211,7 +213,9 @@ class History:
                     continue
                 if r.first_ts <= ts <= r.last_ts:
                     return False  # already counted (the journal read again after a restart)
-                if r.first_ts - COALESCE_SECONDS <= ts <= r.last_ts + COALESCE_SECONDS:
+                if (r.first_ts - COALESCE_SECONDS <= ts <= r.last_ts + COALESCE_SECONDS and r.boot_id == self.boot_id
+                        and not any(x.kind == "reset" and min(ts, r.last_ts) <= x.first_ts <= max(ts, r.first_ts)
+                                    for x in rows[-64:])):  # a remedy between them: another incident
                     r.first_ts, r.last_ts, r.count = min(r.first_ts, ts), max(r.last_ts, ts), r.count + 1
                     if message and not r.detail:
                         r.detail = message
@@ -267,13 +271,16 @@ class History:
             uptime = float(Path("/proc/uptime").read_text().split()[0])
         except (OSError, ValueError, IndexError):
             uptime = 0.0
-        self._insert("", "boot", 0, self._clock() - uptime, "")
+        # (after everything recorded in the boot before: the uptime of a container may not be the node's)
+        latest = self._db.execute("SELECT MAX(last_ts) FROM events").fetchone()[0]
+        self._insert("", "boot", 0, max(self._clock() - uptime, latest or 0.0), "")
 
     def _insert(self, uuid: str, kind: str, code: int, ts: float, detail: str) -> None:
         if self.readonly:
             raise HistoryError(f"incident history {self.path} is open read-only")
         cur = self._write("INSERT INTO events(uuid, kind, code, first_ts, last_ts, count, boot_id, detail) "
-                          "VALUES (?, ?, ?, ?, ?, 1, ?, ?)", (uuid, kind, code, ts, ts, self.boot_id, detail))
+                          "VALUES (?, ?, ?, ?, ?, 1, ?, ?)", (uuid, kind, code, ts, ts, self.boot_id, detail),
+                          urgent=True)
         row = Row(int(cur.lastrowid or 0), sys.intern(uuid), kind, code, ts, ts, 1, self.boot_id, detail)
         rows = self._rows.setdefault(row.uuid, [])
         rows.append(row)
@@ -287,15 +294,21 @@ class History:
             self._write("UPDATE events SET first_ts = ?, last_ts = ?, count = ?, detail = ? WHERE id = ?",
                         (r.first_ts, r.last_ts, r.count, r.detail, r.id))
 
-    def _write(self, sql: str, args: tuple[object, ...]) -> sqlite3.Cursor:
-        """Run a change in the open transaction. It is committed at once when the last commit is
-        COMMIT_SECONDS old, else within COMMIT_SECONDS (a storm then costs a commit per interval,
-        not per Xid)."""
+    def _write(self, sql: str, args: tuple[object, ...], urgent: bool = False) -> sqlite3.Cursor:
+        """Run a change in the open transaction. A new event (`urgent`) is committed at once, up to
+        URGENT_COMMITS a second; anything else, and events past that (a storm), within COMMIT_SECONDS:
+        a storm then costs a commit per interval, not one per Xid."""
         try:
             if not self._db.in_transaction:
                 self._db.execute("BEGIN")
             cur = self._db.execute(sql, args)
-            if time.monotonic() - self._committed_at >= COMMIT_SECONDS:
+            now = time.monotonic()
+            if urgent and now - self._second >= 1.0:
+                self._second, self._urgent = now, 0
+            if urgent and self._urgent < URGENT_COMMITS:
+                self._urgent += 1
+                self._commit()
+            elif now - self._committed_at >= COMMIT_SECONDS:
                 self._commit()
             elif self._timer is None:
                 self._timer = threading.Timer(COMMIT_SECONDS, self._commit_later)
