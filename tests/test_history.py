@@ -104,8 +104,9 @@ def test_xid79_after_a_reset_and_a_reboot_ends_at_rma_eval_across_kill_9_and_a_n
     doc = json.loads(history_cli(f"--history.path={db}", "--gpu", u0, "--json").stdout)
     (gpu,) = doc["gpus"]
     assert (gpu["status"], gpu["action"]) == ("critical", "rma_eval")
-    assert "Xid 79 GPU_HAS_FALLEN_OFF_THE_BUS came back after 2 GPU resets or reboots" in gpu["escalations"][0]["reason"]
-    assert "2 boot(s)" in gpu["escalations"][0]["reason"]
+    reason = gpu["escalations"][0]["reason"]
+    assert "Xid 79 GPU_HAS_FALLEN_OFF_THE_BUS came back after 2 GPU resets or reboots" in reason
+    assert "2 boot(s)" in reason
     assert [e["kind"] for e in gpu["events"]] == ["boot", "xid", "reset", "xid", "boot", "xid"]
 
     # repaired in place: cleared, audited, and the running exporter sees it
