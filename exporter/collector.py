@@ -660,7 +660,8 @@ class Collector:
         values: Values = dict(g.values)  # the series below are new dicts; the GPU's own are not changed
         if view is not None:
             values["nvidia_gpu_incidents_total"] = view.incidents
-            values["nvidia_gpu_incident_interval_seconds"] = view.intervals
+            if view.intervals:  # (from a GPU's second incident on: few series on healthy GPUs)
+                values["nvidia_gpu_incident_interval_seconds"] = view.intervals
         for code, (count, last) in sorted(self.xids.series(uuid).items()):
             values.setdefault("nvidia_gpu_xid_errors_total", {})[(str(code),)] = count
             values.setdefault("nvidia_gpu_xid_last_timestamp_seconds", {})[(str(code),)] = last
@@ -718,7 +719,7 @@ class Collector:
                      for code, ts, message in history.xid_events(uuid, self.xids.started_at, now - DAY))
         incidents, intervals = history.counts(uuid)
         view = _HistoryView(findings, past, {(k,): v for k, v in incidents.items()},
-                            {(k,): v for k, v in intervals.items()})
+                            {(k,): v for k, v in intervals.items()} if intervals["count"] else {})
         self._views[uuid] = (key, view)
         return view
 

@@ -99,6 +99,7 @@ def test_xid79_after_a_reset_and_a_reboot_ends_at_rma_eval_across_kill_9_and_a_n
     assert s[gpu_series(fake, 1, u0, "nvidia_gpu_health", check="history")] == 2
     assert s[gpu_series(fake, 1, u0, "nvidia_gpu_incident_interval_seconds_count")] == 2
     assert s[gpu_series(fake, 0, u1, "nvidia_gpu_health", check="history")] == 0
+    assert gpu_series(fake, 0, u1, "nvidia_gpu_incident_interval_seconds_count") not in s  # no incident: no series
 
     # the reason, for people
     doc = json.loads(history_cli(f"--history.path={db}", "--gpu", u0, "--json").stdout)
