@@ -136,7 +136,8 @@ GPU_METRICS: tuple[Metric, ...] = (
            "reset, remap.", ("kind",), "incident history (--history.path)", valid=NON_NEGATIVE),
     Metric("nvidia_gpu_incident_interval_seconds", HISTOGRAM,
            "Time between consecutive fatal-Xid incidents of the GPU (its measured MTBI), over the history's "
-           "retention; from the GPU's second incident on.", ("le",), "incident history (--history.path)", valid=NON_NEGATIVE),
+           "retention; from the GPU's second incident on.", ("le",), "incident history (--history.path)",
+           valid=NON_NEGATIVE),
 )
 
 EXPORTER_METRICS: tuple[Metric, ...] = (

@@ -16,7 +16,7 @@ from nvml_exporter.history import History
 from nvml_exporter.snapshot import GpuIdentity, GpuSnapshot
 from nvml_exporter.xid import DAY
 from nvml_exporter.xidstore import XidEvent
-from tests.conftest import EXPORTER, samples, wait_for
+from tests.conftest import EXPORTER, free_port, samples, wait_for
 from tests.fakenvml.scenario import REPO, FakeNvml
 from tests.journal import write_journal, xid_line
 
@@ -157,6 +157,11 @@ def test_journal_lines_without_an_xid_count_once_and_nvswitch_sxids_per_switch(
     (x94,) = [x for x in g0["xids"] if x["code"] == 94]
     assert x94["message"].startswith("pid=7194, Contained")
     assert [(e["kind"], e.get("code")) for e in g0["history"]] == [("boot", None), ("xid", 79), ("xid", 94)]
+    text = subprocess.run([*EXPORTER, "diagnose", f"--xid.journal-path={journal}",
+                           f"--history.path={tmp_path / 'h.sqlite'}"], capture_output=True, text=True, cwd=REPO,
+                          env={**fake.env(), "PATH": "/usr/bin:/bin"}, timeout=60).stdout
+    assert "history       3 event(s) kept across restarts and reboots:" in text
+    assert "xid    Xid 79 GPU_HAS_FALLEN_OFF_THE_BUS x1" in text
 
 
 # -- the store and its escalation, in process -------------------------------------------------------
@@ -317,6 +322,12 @@ def test_clear_needs_a_reason_and_an_unreadable_store_is_a_clear_error(tmp_path:
         assert "garbage.sqlite" in str(e)
     else:
         raise AssertionError("opened a file that is not a database")
+    (tmp_path / "a-file").write_text("")
+    exporter = subprocess.run([*EXPORTER, f"--web.listen-address=127.0.0.1:{free_port()}",
+                               f"--history.path={tmp_path / 'a-file' / 'history.sqlite'}"],
+                              capture_output=True, text=True, cwd=REPO, timeout=60)
+    assert exporter.returncode == 1
+    assert "nvml-exporter: error: incident history" in exporter.stderr and "a-file" in exporter.stderr
     out = history_cli(f"--history.path={tmp_path / 'none.sqlite'}")
     assert out.returncode == 1 and "no incident history at" in out.stderr
     out = history_cli("clear", f"--history.path={tmp_path / 'history.sqlite'}", "--gpu", "GPU-9", "--reason", "x")
