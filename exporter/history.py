@@ -338,8 +338,11 @@ class History:
         if self._inserts % max(1, self._max_rows // 10):
             return
         horizon = self._clock() - self._retention
-        keep = self._db.execute("SELECT id FROM events WHERE kind != 'clear' ORDER BY id DESC LIMIT 1 OFFSET ?",
-                                (self._max_rows * 9 // 10,)).fetchone()
+        try:
+            keep = self._db.execute("SELECT id FROM events WHERE kind != 'clear' ORDER BY id DESC LIMIT 1 OFFSET ?",
+                                    (self._max_rows * 9 // 10,)).fetchone()
+        except sqlite3.Error as e:
+            raise HistoryError(f"incident history {self.path}: {e}") from e
         cutoff = keep[0] if keep else 0
         self._write("DELETE FROM events WHERE kind != 'clear' AND (last_ts < ? OR id <= ?)", (horizon, cutoff))
         for rows in self._rows.values():
