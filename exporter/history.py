@@ -21,7 +21,7 @@ to `contact_support`.
 
 from __future__ import annotations
 
-import itertools
+import json
 import logging
 import os
 import sqlite3
@@ -278,6 +278,7 @@ class History:
     def _insert(self, uuid: str, kind: str, code: int, ts: float, detail: str) -> None:
         if self.readonly:
             raise HistoryError(f"incident history {self.path} is open read-only")
+        self._count(uuid, kind, code, ts)
         cur = self._write("INSERT INTO events(uuid, kind, code, first_ts, last_ts, count, boot_id, detail) "
                           "VALUES (?, ?, ?, ?, ?, 1, ?, ?)", (uuid, kind, code, ts, ts, self.boot_id, detail),
                           urgent=True)
@@ -288,6 +289,25 @@ class History:
             rows.sort(key=lambda r: (r.first_ts, r.id))
         self.version += 1
         self._prune_if_due()
+
+    def _count(self, uuid: str, kind: str, code: int, ts: float) -> None:
+        """The GPU's counters and time-between-incidents histogram: kept apart from the rows, so that
+        retention and the row cap never make them go down (they are Prometheus counters)."""
+        name = "fatal_xid" if is_incident(kind, code) else kind if kind in ("reset", "remap") else ""
+        if not uuid or not name:
+            return
+        key = f"counts:{uuid}"
+        c = json.loads(self._state.get(key) or _EMPTY_COUNTS)
+        c[name] += 1
+        if name == "fatal_xid":
+            if c["last"] is not None and ts >= c["last"]:  # (a backfilled older incident adds no interval)
+                gap = ts - c["last"]
+                c["buckets"] = [n + (gap <= le) for n, le in zip(c["buckets"], INTERVAL_BUCKETS, strict=True)]
+                c["sum"] += gap
+                c["count"] += 1
+            c["last"] = ts if c["last"] is None else max(ts, c["last"])
+        self._state[key] = json.dumps(c)
+        self._write("INSERT OR REPLACE INTO state(key, value) VALUES (?, ?)", (key, self._state[key]))
 
     def _update(self, r: Row) -> None:
         if not self.readonly:
@@ -384,19 +404,18 @@ class History:
         return out
 
     def counts(self, uuid: str) -> tuple[dict[str, float], dict[str, float]]:
-        """(nvidia_gpu_incidents_total by kind, nvidia_gpu_incident_interval_seconds) over the retention."""
+        """(nvidia_gpu_incidents_total by kind, nvidia_gpu_incident_interval_seconds), since the GPU's first
+        record."""
         with self._lock:
-            rows = self._rows.get(uuid, ())
-            incidents = [r.first_ts for r in rows if is_incident(r.kind, r.code)]
-            totals = {"fatal_xid": float(len(incidents)),
-                      "reset": float(sum(1 for r in rows if r.kind == "reset")),
-                      "remap": float(sum(1 for r in rows if r.kind == "remap"))}
-        gaps = [b - a for a, b in itertools.pairwise(incidents)]
-        hist = {f"{le:.0f}": float(sum(1 for g in gaps if g <= le)) for le in INTERVAL_BUCKETS}
-        hist["+Inf"] = float(len(gaps))
-        hist["sum"] = float(sum(gaps))
-        hist["count"] = float(len(gaps))
+            c = json.loads(self._state.get(f"counts:{uuid}") or _EMPTY_COUNTS)
+        totals = {k: float(c[k]) for k in ("fatal_xid", "reset", "remap")}
+        hist = {f"{le:.0f}": float(n) for le, n in zip(INTERVAL_BUCKETS, c["buckets"], strict=True)}
+        hist.update({"+Inf": float(c["count"]), "sum": float(c["sum"]), "count": float(c["count"])})
         return totals, hist
+
+
+_EMPTY_COUNTS = json.dumps({"fatal_xid": 0, "reset": 0, "remap": 0, "last": None,
+                            "buckets": [0] * len(INTERVAL_BUCKETS), "sum": 0.0, "count": 0})
 
 
 def row_dict(r: Row) -> dict[str, object]:

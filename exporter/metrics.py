@@ -132,11 +132,11 @@ GPU_METRICS: tuple[Metric, ...] = (
     Metric("nvidia_gpu_recommended_action", GAUGE, "1 for the strongest action the diagnosis recommends now.",
            ("action",), "diagnosis", valid=RATIO),
     Metric("nvidia_gpu_incidents_total", COUNTER,
-           "Incidents in the GPU's persistent history (retention window): fatal_xid (fatal Xids coalesced, 5 s), "
+           "Incidents in the GPU's persistent history, since its first record: fatal_xid (fatal Xids coalesced, 5 s), "
            "reset, remap.", ("kind",), "incident history (--history.path)", valid=NON_NEGATIVE),
     Metric("nvidia_gpu_incident_interval_seconds", HISTOGRAM,
-           "Time between consecutive fatal-Xid incidents of the GPU (its measured MTBI), over the history's "
-           "retention; from the GPU's second incident on.", ("le",), "incident history (--history.path)",
+           "Time between consecutive fatal-Xid incidents of the GPU (its measured MTBI), since its first "
+           "record; from the GPU's second incident on.", ("le",), "incident history (--history.path)",
            valid=NON_NEGATIVE),
 )
 

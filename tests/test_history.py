@@ -16,7 +16,7 @@ from nvml_exporter.history import History
 from nvml_exporter.snapshot import GpuIdentity, GpuSnapshot
 from nvml_exporter.xid import DAY
 from nvml_exporter.xidstore import XidEvent
-from tests.conftest import EXPORTER, free_port, samples, wait_for
+from tests.conftest import EXPORTER, free_port, require_tool, samples, wait_for
 from tests.fakenvml.scenario import REPO, FakeNvml
 from tests.journal import write_journal, xid_line
 
@@ -100,6 +100,10 @@ def test_xid79_after_a_reset_and_a_reboot_ends_at_rma_eval_across_kill_9_and_a_n
     assert s[gpu_series(fake, 1, u0, "nvidia_gpu_incident_interval_seconds_count")] == 2
     assert s[gpu_series(fake, 0, u1, "nvidia_gpu_health", check="history")] == 0
     assert gpu_series(fake, 0, u1, "nvidia_gpu_incident_interval_seconds_count") not in s  # no incident: no series
+    assert s[gpu_series(fake, 1, u0, "nvidia_gpu_incident_interval_seconds_bucket", le="900")] == 2
+    checked = subprocess.run([require_tool("promtool"), "check", "metrics"], input=exp.metrics(), capture_output=True,
+                             text=True)
+    assert (checked.returncode, checked.stdout, checked.stderr) == (0, "", "")
 
     # the reason, for people
     doc = json.loads(history_cli(f"--history.path={db}", "--gpu", u0, "--json").stdout)
