@@ -39,11 +39,11 @@ def render_events(events: list[dict[str, Any]], indent: str = "  ") -> list[str]
     for e in events:
         if e["kind"] in ("xid", "remap") and "code" in e:
             what = (f"{e['kind']:<6} Xid {e['code']} {e['name']} x{e['count']}"
-                    + (f" (to {e['last_time']})" if e["last_time"] != e["time"] else ""))
+                    + (f" (to {e['last_time']})" if e["last_time"] != e["time"] else "")
+                    + (f": {e['detail']}" if e["detail"] else ""))
         else:
-            what = f"{e['kind']:<6}" + (f" {e['boot_id']}" if e["kind"] == "boot" else "")
-        detail = f": {e['detail']}" if e["detail"] else ""
-        lines.append(f"{indent}{e['time']}  {what}{detail}")
+            what = f"{e['kind']:<6} " + (e["boot_id"] if e["kind"] == "boot" else e["detail"])
+        lines.append(f"{indent}{e['time']}  {what}".rstrip())
     return lines
 
 
