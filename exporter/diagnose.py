@@ -19,6 +19,7 @@ from typing import Any
 from .collector import Collector
 from .diagnosis import STATUS_VALUE, Check
 from .history import History, HistoryError, default_path, row_dict
+from .kernlog import xid_fields
 from .nvml import Library
 from .snapshot import GpuSnapshot, Snapshot
 from .xid import ACTIONS, SEVERITIES, lookup
@@ -34,8 +35,13 @@ def _iso(ts: float) -> str:
 
 def _xid(e: XidEvent) -> dict[str, Any]:
     x = lookup(e.code)
-    return {"code": e.code, "name": x.name, "category": x.category, "severity": x.severity, "action": x.action,
-            "time": _iso(e.timestamp), "source": e.source, "message": e.message}
+    out = {"code": e.code, "name": x.name, "category": x.category, "severity": x.severity, "action": x.action,
+           "time": _iso(e.timestamp), "source": e.source, "message": e.message}
+    if e.gpu_instance:
+        out["gpu_instance"] = e.gpu_instance
+    if fields := xid_fields(e.code, e.message):
+        out["fields"] = fields
+    return out
 
 
 def _readings(g: GpuSnapshot) -> dict[str, Any]:

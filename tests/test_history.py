@@ -10,6 +10,8 @@ import time
 import tracemalloc
 from pathlib import Path
 
+import jsonschema
+
 from nvml_exporter import history as hist
 from nvml_exporter.diagnosis import diagnose
 from nvml_exporter.history import History
@@ -157,9 +159,11 @@ def test_journal_lines_without_an_xid_count_once_and_nvswitch_sxids_per_switch(
                            f"--history.path={tmp_path / 'h.sqlite'}"], capture_output=True, text=True, cwd=REPO,
                           env={**fake.env(), "PATH": "/usr/bin:/bin"}, timeout=60)
     doc = json.loads(diag.stdout)
+    jsonschema.validate(doc, json.loads((REPO / "docs" / "diagnose.schema.json").read_text()))
     g0 = next(g for g in doc["gpus"] if g["uuid"] == u0)
     (x94,) = [x for x in g0["xids"] if x["code"] == 94]
     assert x94["message"].startswith("pid=7194, Contained")
+    assert (x94["gpu_instance"], x94["fields"]) == ("5", {"pid": "7194"})
     assert [(e["kind"], e.get("code")) for e in g0["history"]] == [("boot", None), ("xid", 79), ("xid", 94)]
     text = subprocess.run([*EXPORTER, "diagnose", f"--xid.journal-path={journal}",
                            f"--history.path={tmp_path / 'h.sqlite'}"], capture_output=True, text=True, cwd=REPO,
