@@ -205,6 +205,15 @@ def node() -> dict:
               unit="dateTimeAsIso", w=8),
         panel("timeseries", "Other NVML events", [(f"nvidia_gpu_nvml_events_total{{{s}}}", "GPU {{gpu}} {{type}}")],
               w=8),
+        panel("timeseries", "Incident history (across restarts and reboots)",
+              [(f"nvidia_gpu_incidents_total{{{s}}}", "GPU {{gpu}} {{kind}}")], w=8,
+              description="Fatal Xids coalesced into incidents, GPU resets and row remaps, as the exporter's "
+                          "persistent history counts them (--history.path)."),
+        panel("timeseries", "Measured time between incidents (median)",
+              [(f"histogram_quantile(0.5, sum by (gpu, le) (nvidia_gpu_incident_interval_seconds_bucket{{{s}}}))",
+                "GPU {{gpu}}")], unit="s", w=8),
+        panel("timeseries", "NVSwitch SXids",
+              [(f"nvidia_nvswitch_sxid_errors_total{{{NODE}}}", "{{instance}} {{pci}} SXid {{sxid}}")], w=8),
         row("Exporter"),
         panel("timeseries", "Collection time per GPU", [(f"nvml_exporter_collect_duration_seconds{{{NODE}}}",
                                                          "{{instance}} GPU {{gpu}}")], unit="s", w=6),
@@ -252,7 +261,13 @@ def reliability() -> dict:
         panel("timeseries", "Faults by category (per hour)", [("category:nvidia_gpu_xids:increase1h", "{{category}}")],
               w=12),
         panel("timeseries", "GPUs in the fleet", [("fleet:nvidia_gpus:count", "GPUs"),
-                                                  ("fleet:nvidia_gpus_up:sum", "up")], w=24),
+                                                  ("fleet:nvidia_gpus_up:sum", "up")], w=12),
+        panel("stat", "Measured time between incidents (fleet)",
+              [("histogram_quantile(0.5, sum by (le) (nvidia_gpu_incident_interval_seconds_bucket))", "median"),
+               ("histogram_quantile(0.1, sum by (le) (nvidia_gpu_incident_interval_seconds_bucket))", "p10")],
+              unit="s", w=12,
+              description="From the GPUs' incident histories (fatal Xids coalesced into incidents, across reboots): "
+                          "the measured time between incidents of one GPU, beside the model's lambda above."),
     ]
     variables = [datasource_var(), textbox("N", "1024", "Job GPUs (N)"), textbox("T", "24", "Job hours (T)"),
                  textbox("C", "0.05", "Checkpoint hours (C)")]

@@ -6,6 +6,7 @@ import argparse
 import ctypes
 import gc
 import logging
+import os
 import re
 import signal
 import sys
@@ -16,6 +17,7 @@ from typing import NoReturn
 from . import __version__, logs, sdnotify, webconfig
 from .collector import Collector
 from .exposition import BuildInfo
+from .history import BOOT_ID_PATH, History, HistoryError
 from .nvml import Library
 from .server import App, Server
 from .webconfig import parse_listen_address
@@ -71,7 +73,8 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="nvml-exporter", description="Prometheus exporter for NVIDIA GPU health over NVML. "
-                "`nvml-exporter diagnose --help`: a one-shot report on this node's GPUs.", allow_abbrev=False)
+                "`nvml-exporter diagnose --help`: a one-shot report on this node's GPUs; "
+                "`nvml-exporter history --help`: each GPU's incident history.", allow_abbrev=False)
     p.add_argument("--web.listen-address", dest="listen", type=listen_address, default=":9400",
                    metavar="ADDR", help="address to listen on (default :9400)")
     p.add_argument("--web.telemetry-path", dest="path", type=telemetry_path, default="/metrics",
@@ -98,6 +101,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="count Xids from the kernel journal too (backfill and message text; default on)")
     p.add_argument("--xid.journal-path", dest="journal_path", metavar="PATH",
                    help="read this journal file or directory instead of the system journal")
+    p.add_argument("--history.path", dest="history_path", metavar="PATH",
+                   help="incident history (SQLite) kept across restarts, resets and reboots; default "
+                        "$STATE_DIRECTORY/history.sqlite under systemd (/var/lib/prometheus-nvml-exporter), "
+                        "otherwise none; '' turns it off")
+    p.add_argument("--history.boot-id-path", dest="boot_id_path", default=BOOT_ID_PATH, metavar="PATH",
+                   help=f"where this boot's id is read (default {BOOT_ID_PATH})")
     p.add_argument("--log.level", dest="log_level", choices=sorted(logs.LEVELS), default="info")
     p.add_argument("--log.format", dest="log_format", choices=("logfmt", "json"), default="logfmt")
     p.add_argument("--version", action="version", version=f"nvml-exporter {__version__}")
@@ -111,6 +120,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         logs.setup("error", "logfmt")
         return diagnose.main(argv[1:])
+    if argv[:1] == ["history"]:
+        from . import historycmd
+
+        logs.setup("error", "logfmt")
+        return historycmd.main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     logs.setup(args.log_level, args.log_format)
@@ -120,9 +134,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except webconfig.WebConfigError as e:
         parser.error(f"--web.config.file: {e}")
 
+    history = _open_history(args.history_path, args.boot_id_path)
+    if isinstance(history, str):
+        print(f"nvml-exporter: error: {history}", file=sys.stderr)
+        return 1
     collector = Collector(Library(args.library), min_interval=args.min_interval,
                           slow_interval=args.slow_interval, journal=args.journal, journal_path=args.journal_path,
-                          nvlink_per_link=args.nvlink_per_link)
+                          nvlink_per_link=args.nvlink_per_link, history=history)
     app = App(collect=collector.collect, ready=collector.initialised.is_set, web=web, build=BuildInfo.detect(),
               telemetry_path=args.path, collect_timeout=args.timeout, collect_into=collector.collect_into)
     host, port = args.listen
@@ -156,7 +174,27 @@ def main(argv: Sequence[str] | None = None) -> int:
             watchdog.stop()
         collector.stop()
         server.server_close()
+        if history is not None:
+            history.close()
     return 0
+
+
+def _open_history(path: str | None, boot_id_path: str) -> History | str | None:
+    """The incident history, None where it is off, or why it cannot be opened."""
+    if path is None:
+        state = os.environ.get("STATE_DIRECTORY", "").split(":")[0]
+        if not state:
+            log.info("incident history off: no --history.path, and not run by systemd with a StateDirectory")
+            return None
+        path = os.path.join(state, "history.sqlite")
+    if not path:
+        return None
+    try:
+        history = History(path, boot_id_path=boot_id_path)
+    except HistoryError as e:
+        return str(e)
+    log.info("incident history", extra={"path": path, "boot_id": history.boot_id})
+    return history
 
 
 def _one_malloc_arena() -> None:

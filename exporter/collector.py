@@ -31,14 +31,16 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .alarm import Alarm
-from .diagnosis import diagnose
+from .diagnosis import Finding, diagnose
 from .events import EventWatcher
+from .history import History, HistoryError
 from .journal import JournalFollower, pci_key
 from .metrics import BY_NAME
 from .nvml import GpuLost, GpuReader, Library, NvmlError, error_name
 from .snapshot import Deliver, ExporterState, GpuIdentity, GpuSnapshot, Snapshot, Values
 from .sparse import NvlinkTotals, Reveal, ZeroFirst
-from .xidstore import XidStore
+from .xid import DAY
+from .xidstore import XidEvent, XidStore
 
 log = logging.getLogger("nvml_exporter.collector")
 
@@ -201,6 +203,7 @@ class Collector:
         nvlink_per_link: bool = False,
         clock: Callable[[], float] = time.monotonic,
         wall: Callable[[], float] = time.time,
+        history: History | None = None,
     ):
         self._lib = library
         self._min_interval = min_interval
@@ -229,7 +232,11 @@ class Collector:
         self.initialised = threading.Event()  # NVML came up at least once (readiness)
         self.tried = threading.Event()  # the first init attempt finished, either way
         self.last_init_error = ""
-        self.xids = XidStore(clock=wall)
+        self.history = history
+        self._views: dict[str, tuple[tuple[int, int], _HistoryView]] = {}
+        self._remaps: dict[str, tuple[object, ...]] = {}
+        self._refreshed_at = float("-inf")
+        self.xids = XidStore(clock=wall, sink=self._to_history if history else None)
         self._prev: dict[int, tuple[GpuSnapshot, float]] = {}
         # Sparse families and NVLink per-link detail (sparse.py), per GPU UUID; off for a one-shot diagnosis.
         self._sparse = sparse
@@ -237,7 +244,8 @@ class Collector:
         self._reveals: dict[str, Reveal] = {}
         self._timeouts_served = ZeroFirst()
         self._events = EventWatcher(self.attached, self.xids, self._count_error, clock=wall) if events else None
-        self._journal = (JournalFollower(self.xids, self.resolve_pci, journal_path, ready=self.initialised)
+        self._journal = (JournalFollower(self.xids, self.resolve_pci, journal_path, ready=self.initialised,
+                                         on_reset=self._reset_acknowledged if history else None)
                          if journal else None)
 
     # -- lifecycle -------------------------------------------------------------------------------
@@ -617,6 +625,7 @@ class Collector:
                 invalid_readings=dict(self._invalid),
                 last_collect_timestamp=self._wall(),
                 journal_up=self._journal_up(),
+                sxids=self.xids.sxids(),
             )
         return Snapshot(gpus=gpus, state=state, taken_at=self._clock())
 
@@ -654,8 +663,16 @@ class Collector:
         if g.up and not g.stale:
             self._prev[g.identity.index] = (g, mono)
         history = self.xids.history(uuid)
-        d = diagnose(g, history, prev if g.up else None, mono - prev_at, now)
+        view = self._history_view(g, prev, now, mono) if self.history is not None else None
+        if view is not None:
+            history = history + view.past  # the repeat rules see earlier boots' Xids too
+        d = diagnose(g, history, prev if g.up else None, mono - prev_at, now,
+                     view.findings if view is not None else ())
         values: Values = dict(g.values)  # the series below are new dicts; the GPU's own are not changed
+        if view is not None:
+            values["nvidia_gpu_incidents_total"] = view.incidents
+            if view.intervals:  # (from a GPU's second incident on: few series on healthy GPUs)
+                values["nvidia_gpu_incident_interval_seconds"] = view.intervals
         for code, (count, last) in sorted(self.xids.series(uuid).items()):
             values.setdefault("nvidia_gpu_xid_errors_total", {})[(str(code),)] = count
             values.setdefault("nvidia_gpu_xid_last_timestamp_seconds", {})[(str(code),)] = last
@@ -669,3 +686,68 @@ class Collector:
             reveal.apply(values, mono, g.up)
         return GpuSnapshot(identity=g.identity, up=g.up, values=values, errors=g.errors, stale=g.stale,
                            collect_seconds=g.collect_seconds, diagnosis=d)
+
+    # -- the persistent incident history ------------------------------------------------------------
+    def _to_history(self, event: XidEvent) -> None:
+        assert self.history is not None
+        try:
+            self.history.record_xid(event.uuid, event.code, event.timestamp, event.message)
+        except HistoryError as e:
+            log.error("could not record an Xid in the incident history", extra={"error": str(e)})
+
+    def _reset_acknowledged(self, uuid: str, ts: float, line: str) -> None:
+        assert self.history is not None
+        try:
+            self.history.record_reset(uuid, ts, f"acknowledged: {line}")
+        except HistoryError as e:
+            log.error("could not record a GPU reset in the incident history", extra={"error": str(e)})
+
+    def _history_view(self, g: GpuSnapshot, prev: GpuSnapshot | None, now: float, mono: float) -> _HistoryView:
+        """What the history says of this GPU: its escalations, its counts, and its Xids from before this
+        process started. Remade when the history changed, and each minute (windows move); a GPU reset
+        seen in the counters and remap counters that went up are recorded first."""
+        history = self.history
+        assert history is not None
+        uuid = g.identity.uuid
+        try:
+            if mono - self._refreshed_at >= HISTORY_REFRESH_SECONDS:
+                self._refreshed_at = mono
+                history.refresh()  # e.g. `nvml-exporter history clear` from another process
+            if g.up and prev is not None and prev.identity.uuid == uuid:
+                energy, before = g.value(_ENERGY), prev.value(_ENERGY)
+                if energy is not None and before is not None and energy < before:
+                    history.record_reset(uuid, now, "counters went back to zero (energy counter)")
+            remap = tuple(g.values.get(name) for name in _REMAP)
+            if g.up and remap[0] is not None and self._remaps.get(uuid) != remap:
+                self._remaps[uuid] = remap
+                counts = {f"rows_{k[0]}": v for k, v in (remap[0] or {}).items()}
+                counts.update({name[len("nvidia_gpu_remapped_rows_"):]: next(iter(m.values()))
+                               for name, m in zip(_REMAP[1:], remap[1:], strict=True) if m})
+                history.observe_remap(uuid, counts, now)
+        except HistoryError as e:
+            log.error("could not record in the incident history", extra={"error": str(e)})
+        key = (history.version, int(now // 60))
+        kept = self._views.get(uuid)
+        if kept is not None and kept[0] == key:
+            return kept[1]
+        findings = tuple(Finding("history", f.status, f.action, f.reason) for f in history.assess(uuid, now))
+        past = tuple(XidEvent(uuid, code, ts, "history", message)
+                     for code, ts, message in history.xid_events(uuid, self.xids.started_at, now - DAY))
+        incidents, intervals = history.counts(uuid)
+        view = _HistoryView(findings, past, {(k,): v for k, v in incidents.items()},
+                            {(k,): v for k, v in intervals.items()} if intervals["count"] else {})
+        self._views[uuid] = (key, view)
+        return view
+
+
+HISTORY_REFRESH_SECONDS = 5.0
+_ENERGY = "nvidia_gpu_energy_joules_total"
+_REMAP = ("nvidia_gpu_remapped_rows", "nvidia_gpu_remapped_rows_pending", "nvidia_gpu_remapped_rows_failed")
+
+
+@dataclass(frozen=True)
+class _HistoryView:
+    findings: tuple[Finding, ...]
+    past: tuple[XidEvent, ...]
+    incidents: dict[tuple[str, ...], float]
+    intervals: dict[tuple[str, ...], float]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import socket
 import sys
 import time
@@ -17,6 +18,8 @@ from typing import Any
 
 from .collector import Collector
 from .diagnosis import STATUS_VALUE, Check
+from .history import History, HistoryError, default_path, row_dict
+from .kernlog import xid_fields
 from .nvml import Library
 from .snapshot import GpuSnapshot, Snapshot
 from .xid import ACTIONS, SEVERITIES, lookup
@@ -32,8 +35,13 @@ def _iso(ts: float) -> str:
 
 def _xid(e: XidEvent) -> dict[str, Any]:
     x = lookup(e.code)
-    return {"code": e.code, "name": x.name, "category": x.category, "severity": x.severity, "action": x.action,
-            "time": _iso(e.timestamp), "source": e.source, "message": e.message}
+    out = {"code": e.code, "name": x.name, "category": x.category, "severity": x.severity, "action": x.action,
+           "time": _iso(e.timestamp), "source": e.source, "message": e.message}
+    if e.gpu_instance:
+        out["gpu_instance"] = e.gpu_instance
+    if fields := xid_fields(e.code, e.message):
+        out["fields"] = fields
+    return out
 
 
 def _readings(g: GpuSnapshot) -> dict[str, Any]:
@@ -71,7 +79,8 @@ def _readings(g: GpuSnapshot) -> dict[str, Any]:
 
 
 def report(snap: Snapshot, history: dict[str, tuple[XidEvent, ...]],
-           unresolved: Sequence[tuple[str, XidEvent]], error: str = "") -> dict[str, Any]:
+           unresolved: Sequence[tuple[str, XidEvent]], error: str = "",
+           incidents: History | None = None) -> dict[str, Any]:
     gpus = []
     worst = "ok" if snap.gpus else "unknown"
     action = "none"
@@ -88,6 +97,8 @@ def report(snap: Snapshot, history: dict[str, tuple[XidEvent, ...]],
             "xids": [_xid(e) for e in history.get(g.identity.uuid, ())],
             "checks": [{"name": c.name, "status": c.status, "reason": c.reason, "action": c.action} for c in checks],
         })
+        if incidents is not None:
+            gpus[-1]["history"] = [row_dict(r) for r in incidents.rows(g.identity.uuid)]
         worst, action = _worse(worst, action, status, gpu_action)
     orphans = [{"pci_bus_id": pci, **_xid(e)} for pci, e in unresolved]
     for o in orphans:
@@ -141,6 +152,12 @@ def render_text(doc: dict[str, Any]) -> str:
             lines.append(f"  nvlink        {nv['links'] - len(nv['down'])}/{nv['links']} links up, "
                          f"{nv['errors']:g} errors" + (f", down: {nv['down']}" if nv["down"] else ""))
         lines.extend(_xid_lines(g["xids"]))
+        if "history" in g:
+            from .historycmd import render_events
+
+            lines.append(f"  history       {len(g['history'])} event(s) kept across restarts and reboots"
+                         + (":" if g["history"] else ""))
+            lines.extend(render_events(g["history"], "    "))
         lines.append(f"  verdict       {g['status'].upper()} -> {g['action']}")
         lines.extend(f"    {c['name']:<15} {c['status']:<8} {c['reason']} -> {c['action']}"
                      for c in g["checks"] if c["status"] != "ok")
@@ -174,13 +191,24 @@ def main(argv: Sequence[str]) -> int:
     p.add_argument("--nvml.library", dest="library", metavar="PATH")
     p.add_argument("--xid.journal", dest="journal", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--xid.journal-path", dest="journal_path", metavar="PATH")
+    p.add_argument("--history.path", dest="history_path", metavar="PATH",
+                   help=f"the exporter's incident history, read only (default {default_path()} where it exists; "
+                        "'' for none)")
     p.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for NVML and the journal")
     args = p.parse_args(argv)
     assert set(EXIT) >= set(SEVERITIES) - {"info"}
 
+    incidents = None
+    path = default_path() if args.history_path is None else args.history_path
+    if path and (args.history_path or os.path.exists(path)):
+        try:
+            incidents = History(path, readonly=True)
+        except HistoryError as e:
+            print(f"nvml-exporter diagnose: incident history not read: {e}", file=sys.stderr)
     # sparse=False: a one-shot report lists every reading (every link, every counter), not the page's selection
     collector = Collector(Library(args.library), min_interval=0.0, events=False, journal=args.journal, sparse=False,
-                          journal_path=args.journal_path, init_backoff=(args.timeout, args.timeout))
+                          journal_path=args.journal_path, init_backoff=(args.timeout, args.timeout),
+                          history=incidents)
     collector.start()
     collector.tried.wait(args.timeout)
     error = ""
@@ -193,6 +221,8 @@ def main(argv: Sequence[str]) -> int:
     if not error and not snap.gpus:
         error = "NVML sees no GPU"
     history = {g.identity.uuid: collector.xids.history(g.identity.uuid) for g in snap.gpus if g.identity.uuid}
-    doc = report(snap, history, collector.xids.unresolved(), error)
+    doc = report(snap, history, collector.xids.unresolved(), error, incidents)
+    if incidents is not None:
+        incidents.close()
     sys.stdout.write(json.dumps(doc, indent=2) + "\n" if args.json else render_text(doc))
     return EXIT[doc["status"]]

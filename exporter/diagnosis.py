@@ -12,11 +12,12 @@ import functools
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
+from .kernlog import location
 from .snapshot import GpuSnapshot
 from .xid import ACTIONS, DAY, REPEAT_RULES, count_bursts, lookup
 from .xidstore import XidEvent
 
-CHECKS = ("availability", "memory", "thermal", "power", "pcie", "nvlink", "xid", "recovery_action")
+CHECKS = ("availability", "memory", "thermal", "power", "pcie", "nvlink", "xid", "recovery_action", "history")
 STATUS_VALUE = {"ok": 0, "warning": 1, "critical": 2}
 
 THERMAL_MARGIN_C = 3.0  # warn this close to the GPU's own limit
@@ -235,10 +236,21 @@ def _xid_findings(history: Iterable[XidEvent], now: float) -> list[Finding]:
             text = f"Xid {e.code} {x.name}: {x.category}" + (f" ({e.message})" if e.message else "")
             out.append(Finding("xid", x.severity, x.action, text))
     for rule in REPEAT_RULES:
-        bursts = count_bursts(e.timestamp for e in recent if e.code in rule.codes)
-        if bursts >= rule.bursts:
-            out.append(Finding("xid", rule.severity, rule.action, rule.reason))
+        mine = [e for e in recent if e.code in rule.codes]
+        for where, events in (_by_location(mine) if rule.same_location else {"": mine}).items():
+            if count_bursts(e.timestamp for e in events) >= rule.bursts:
+                out.append(Finding("xid", rule.severity, rule.action, rule.reason + (f" ({where})" if where else "")))
+                break
     return out
+
+
+def _by_location(events: list[XidEvent]) -> dict[str, list[XidEvent]]:
+    """Xids by the GPC/TPC their lines name; all together where none names one (NVML events alone)."""
+    groups: dict[str, list[XidEvent]] = {}
+    for e in events:
+        if where := location(e.code, e.message):
+            groups.setdefault(where, []).append(e)
+    return groups or {"": events}
 
 
 def _strongest(findings: Iterable[Finding]) -> tuple[str, str]:
@@ -249,8 +261,9 @@ def _strongest(findings: Iterable[Finding]) -> tuple[str, str]:
 
 
 def diagnose(g: GpuSnapshot, history: Iterable[XidEvent] = (), prev: GpuSnapshot | None = None,
-             seconds: float = 0.0, now: float = 0.0) -> Diagnosis:
-    findings: list[Finding] = []
+             seconds: float = 0.0, now: float = 0.0, escalations: Iterable[Finding] = ()) -> Diagnosis:
+    """`escalations`: the incident history's findings (check "history"), see history.py."""
+    findings: list[Finding] = list(escalations)
     if not g.up:
         findings.append(Finding("availability", "critical", "reboot_node",
                                 "NVML cannot reach the GPU (lost or fell off the bus)"))

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 from . import __version__
-from .metrics import ALL_METRICS, BY_NAME, Metric
+from .metrics import ALL_METRICS, BY_NAME, HISTOGRAM, Metric
 from .nvml import bindings_version
 from .snapshot import GpuIdentity, GpuSnapshot, Snapshot
 
@@ -59,6 +59,10 @@ def _extra_labels(metric: str, values: tuple[str, ...]) -> str:
 @lru_cache(maxsize=2048)  # the series of families that change from scrape to scrape
 def _series(metric: str, index: int, uuid: str, labels: tuple[str, ...]) -> str:
     """'name{gpu="0",uuid="…",extra="…"} ', built once per series and reused every scrape."""
+    if BY_NAME[metric].type == HISTOGRAM:  # keyed by the bound, "sum" and "count"
+        if labels[0] in ("sum", "count"):
+            return f"{metric}_{labels[0]}{{{_gpu_labels(index, uuid)}}} "
+        return f"{metric}_bucket{{{_gpu_labels(index, uuid)}{_extra_labels(metric, labels)}}} "
     extra = _extra_labels(metric, labels) if labels else ""
     return f"{metric}{{{_gpu_labels(index, uuid)}{extra}}} "
 
@@ -116,6 +120,8 @@ def _exporter_samples(metric: Metric, snap: Snapshot, build: BuildInfo) -> Itera
             series = [] if s.journal_up is None else [((), 1.0 if s.journal_up else 0.0)]
         case "nvml_exporter_last_collect_timestamp_seconds":
             series = [((), s.last_collect_timestamp)] if s.last_collect_timestamp else []
+        case "nvidia_nvswitch_sxid_errors_total":
+            series = [(key, float(n)) for key, n in sorted(s.sxids.items())]
         case _:
             raise KeyError(metric.name)
     for labels, v in series:

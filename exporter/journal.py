@@ -6,50 +6,35 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import threading
 from collections.abc import Callable
 from datetime import datetime
 
+from . import kernlog
+from .kernlog import pci_key, pci_text
 from .logs import RateLimited
 from .xidstore import XidEvent, XidStore
+
+__all__ = ["JournalFollower", "pci_key"]
 
 log = logging.getLogger("nvml_exporter.journal")
 _unresolved_log = RateLimited(log, 10.0)  # one line per PCI address per 10 s, however many Xids it sends
 
 JOURNAL_DIRS = ("/run/log/journal", "/var/log/journal")
-
-# NVRM: Xid (PCI:0000:3b:00): 79, pid='<unknown>', name=<unknown>, GPU has fallen off the bus.
-XID_LINE = re.compile(r"NVRM: Xid \(PCI:(?P<pci>[0-9a-fA-F]+:[0-9a-fA-F]+:[0-9a-fA-F]+)(?:\.[0-7])?\): "
-                      r"(?P<code>\d+),? ?(?P<text>.*)")
-
-
-def pci_key(address: str) -> tuple[int, int, int] | None:
-    """'0000:3b:00', '00000000:3B:00.0' -> (domain, bus, device)."""
-    parts = address.split(".")[0].split(":")
-    if len(parts) != 3:
-        return None
-    try:
-        domain, bus, device = (int(p, 16) for p in parts)
-    except ValueError:
-        return None
-    return domain, bus, device
-
-
-def parse(message: str) -> tuple[tuple[int, int, int], int, str] | None:
-    m = XID_LINE.search(message)
-    if not m:
-        return None
-    key = pci_key(m["pci"])
-    return (key, int(m["code"]), m["text"].strip()) if key else None
+# Reset acknowledgements are logged from user space (NVSentinel's reset job), not by the kernel.
+RESET_IDENTIFIERS = ("nvsentinel-gpu-reset",)
 
 
 class JournalFollower:
     def __init__(self, store: XidStore, resolve: Callable[[tuple[int, int, int]], str | None],
-                 path: str | None = None, ready: threading.Event | None = None):
+                 path: str | None = None, ready: threading.Event | None = None,
+                 on_reset: Callable[[str, float, str], None] | None = None):
         """`resolve` maps a PCI address to the GPU's UUID; `path` reads a journal file or directory
-        instead of the system journal; `ready` is set once GPU identities are known."""
+        instead of the system journal; `ready` is set once GPU identities are known; `on_reset` hears
+        of GPU resets (uuid, time, the line)."""
         self._store = store
+        self._on_reset = on_reset
+        self._lines = kernlog.LineParser()
         self._resolve = resolve
         self._path = path
         self._ready = ready
@@ -77,8 +62,13 @@ class JournalFollower:
             reader = journal.Reader(files=[self._path])
         else:
             reader = journal.Reader(path=self._path)
-        reader.this_boot()
+        # this boot, and (the kernel's lines or a reset acknowledgement)
         reader.add_match(_TRANSPORT="kernel")
+        for identifier in RESET_IDENTIFIERS:
+            reader.add_disjunction()
+            reader.add_match(SYSLOG_IDENTIFIER=identifier)
+        reader.add_conjunction()
+        reader.this_boot()
         return reader
 
     def _run(self) -> None:
@@ -105,17 +95,28 @@ class JournalFollower:
             message = entry.get("MESSAGE", "")
             if isinstance(message, bytes):
                 message = message.decode(errors="replace")
-            parsed = parse(message)
-            if parsed is None:
+            line = self._lines.parse(message)
+            if line is None:
                 continue
-            key, code, text = parsed
             stamp = entry.get("__REALTIME_TIMESTAMP")
             ts = stamp.timestamp() if isinstance(stamp, datetime) else 0.0
-            uuid = self._resolve(key)
-            if uuid is None:
-                pci = "{:08x}:{:02x}:{:02x}.0".format(*key)
-                _unresolved_log.log(logging.WARNING, "Xid for a PCI address no GPU answers for", key=pci,
-                                    extra={"pci": pci, "message": message})
-                self._store.record_unresolved(pci, XidEvent("", code, ts, "journal", text))
-                continue
-            self._store.record(XidEvent(uuid, code, ts, "journal", text))
+            self._handle(line, ts, message)
+
+    def _handle(self, line: kernlog.KernelLine, ts: float, message: str) -> None:
+        if line.kind == "reset":
+            if line.fields.get("success") != "false" and self._on_reset is not None:
+                self._on_reset(line.uuid, ts, line.text)
+            return
+        assert line.pci is not None
+        pci = pci_text(line.pci)
+        if line.kind == "sxid":
+            self._store.record_sxid(pci, line.code)
+            return
+        uuid = self._resolve(line.pci)
+        event = XidEvent(uuid or "", line.code, ts, "journal", line.text, line.fields.get("gpu_instance", ""))
+        if uuid is None:
+            _unresolved_log.log(logging.WARNING, "Xid for a PCI address no GPU answers for", key=pci,
+                                extra={"pci": pci, "message": message})
+            self._store.record_unresolved(pci, event)
+            return
+        self._store.record(event)

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 GAUGE = "gauge"
 COUNTER = "counter"
+HISTOGRAM = "histogram"  # labels ("le",); its values are keyed by the bound, "sum" and "count"
 
 
 @dataclass(frozen=True)
@@ -149,6 +150,13 @@ GPU_METRICS: tuple[Metric, ...] = (
            ("check",), "diagnosis", valid=(0.0, 2.0), sparse=True, budget=0),
     Metric("nvidia_gpu_recommended_action", GAUGE, "1 for the strongest action the diagnosis recommends now.",
            ("action",), "diagnosis", valid=RATIO),
+    Metric("nvidia_gpu_incidents_total", COUNTER,
+           "Incidents in the GPU's persistent history, since its first record: fatal_xid (fatal Xids coalesced, 5 s), "
+           "reset, remap.", ("kind",), "incident history (--history.path)", valid=NON_NEGATIVE, budget=0),
+    Metric("nvidia_gpu_incident_interval_seconds", HISTOGRAM,
+           "Time between consecutive fatal-Xid incidents of the GPU (its measured MTBI), since its first "
+           "record; from the GPU's second incident on.", ("le",), "incident history (--history.path)",
+           valid=NON_NEGATIVE, budget=0),
 )
 
 EXPORTER_METRICS: tuple[Metric, ...] = (
@@ -172,6 +180,9 @@ EXPORTER_METRICS: tuple[Metric, ...] = (
            per_gpu=False),
     Metric("nvml_exporter_last_collect_timestamp_seconds", GAUGE,
            "Unix time of the last finished collection.", per_gpu=False),
+    Metric("nvidia_nvswitch_sxid_errors_total", COUNTER,
+           "NVSwitch SXid errors this boot, per NVSwitch (its PCI address), from the kernel journal.",
+           ("pci", "sxid"), "kernel journal nvidia-nvswitchN: SXid lines", per_gpu=False, budget=0),
 )
 
 ALL_METRICS: tuple[Metric, ...] = GPU_METRICS + EXPORTER_METRICS

@@ -56,6 +56,7 @@ class ExporterState:
     invalid_readings: Mapping[str, int] = field(default_factory=dict)
     last_collect_timestamp: float = 0.0
     journal_up: bool | None = None  # None until the journal has been tried
+    sxids: Mapping[tuple[str, str], int] = field(default_factory=dict)  # (NVSwitch PCI, SXid) -> count
 
 
 @dataclass(frozen=True)

@@ -180,6 +180,7 @@ class RepeatRule:
     severity: str
     action: str
     reason: str
+    same_location: bool = False  # count only bursts at one GPC/TPC (Xid 13 lines say where)
 
 
 BURST_GAP_SECONDS = 180.0
@@ -190,7 +191,8 @@ REPEAT_RULES: tuple[RepeatRule, ...] = (
     RepeatRule("xid31_repeating", frozenset({31}), 2, DAY, "warning", "rma_eval",
                "MMU faults (Xid 31) in 2 bursts within 24 h on this GPU: run DCGM diagnostics, then field diag"),
     RepeatRule("xid13_repeating", frozenset({13}), 2, DAY, "warning", "rma_eval",
-               "graphics exceptions (Xid 13) in 2 bursts within 24 h on this GPU: run DCGM diagnostics"),
+               "graphics exceptions (Xid 13) in 2 bursts within 24 h on the same GPC/TPC of this GPU: "
+               "run DCGM diagnostics", same_location=True),
     RepeatRule("reset_class_recurring", frozenset(tier_codes("reset")), 3, DAY, "critical", "rma_eval",
                "reset-class Xids in 3 bursts within 24 h: resets are not fixing this GPU; evaluate for RMA"),
     RepeatRule("fatal_recurring", _FATAL, 5, DAY, "critical", "contact_support",
@@ -217,7 +219,9 @@ def render_markdown() -> str:
               "|---:|---|---|---|---|---|---|"]
     lines += [f"| {x.code} | {x.name} | {x.category} | {x.tier} | {x.severity} | {x.action} | {x.nvidia_action} |"
               for x in sorted(CATALOG.values(), key=lambda x: x.code)]
-    lines += ["", "Repeat rules (bursts end after 3 minutes of silence):", "",
+    lines += ["", "Repeat rules (bursts end after 3 minutes of silence; they count the incident history across "
+              "boots too; a rule on the same GPC/TPC counts Xid 13s by the location their kernel lines name, "
+              "or all of them where no line names one):", "",
               "| rule | Xids | bursts | window | severity | action |", "|---|---|---|---|---|---|"]
     lines += [f"| {r.name} | {', '.join(map(str, sorted(r.codes)))} | {r.bursts} | {r.window_seconds / 3600:g} h "
               f"| {r.severity} | {r.action} |" for r in REPEAT_RULES]

@@ -6,8 +6,12 @@
 - A live Xid that opens a new (gpu, xid) series is first served at 0 and from the next scrape on
   with its count, so `increase()` sees the first Xid too. Xids from before the exporter started
   (journal backfill) are served with their count at once: they are history, not news.
+- A GPU falls off the bus once per event, whichever way it is told (NVML, the Xid 79 line, the
+  driver's "has fallen off the bus" line without an Xid): Xid 79s on one GPU within DEDUPE_SECONDS
+  are one.
 - Memory is bounded: counters are per (gpu, code) and the history keeps the last HISTORY_MAX
   events of the last day per GPU.
+- `sink`, where given, sees every Xid counted (the persistent incident history).
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ class XidEvent:
     timestamp: float  # Unix time the Xid happened
     source: str  # "nvml" or "journal"
     message: str = ""
+    gpu_instance: str = ""  # the MIG GPU instance the kernel line named
 
 
 @dataclass
@@ -56,13 +61,25 @@ class _Gpu:
 
 
 class XidStore:
-    def __init__(self, started_at: float | None = None, clock: Callable[[], float] = time.time):
+    def __init__(self, started_at: float | None = None, clock: Callable[[], float] = time.time,
+                 sink: Callable[[XidEvent], None] | None = None):
         self._clock = clock
+        self._sink = sink
         self.started_at = clock() if started_at is None else started_at
         self._lock = threading.Lock()
         self._gpus: dict[str, _Gpu] = {}
         # Xids for PCI addresses no GPU of ours answers for (a GPU lost before we could identify it)
         self._unresolved: deque[tuple[str, XidEvent]] = deque(maxlen=HISTORY_MAX)
+        self._sxids: dict[tuple[str, str], int] = {}  # (NVSwitch PCI address, SXid) -> count this boot
+
+    def record_sxid(self, pci: str, code: int) -> None:
+        with self._lock:
+            key = (pci, str(code))
+            self._sxids[key] = self._sxids.get(key, 0) + 1
+
+    def sxids(self) -> dict[tuple[str, str], int]:
+        with self._lock:
+            return dict(self._sxids)
 
     def record_unresolved(self, pci: str, event: XidEvent) -> None:
         with self._lock:
@@ -74,15 +91,22 @@ class XidStore:
 
     def record(self, event: XidEvent) -> bool:
         """Count an Xid; False when it is the other source's report of one already counted."""
+        counted = self._count(event)
+        if counted and self._sink is not None:
+            self._sink(event)
+        return counted
+
+    def _count(self, event: XidEvent) -> bool:
         with self._lock:
             gpu = self._gpus.setdefault(event.uuid, _Gpu())
             for entry in reversed(gpu.history):
                 e = entry.event
-                if (not entry.matched and e.code == event.code and e.source != event.source
-                        and abs(e.timestamp - event.timestamp) <= DEDUPE_SECONDS):
+                if (e.code == event.code and abs(e.timestamp - event.timestamp) <= DEDUPE_SECONDS
+                        and (event.code == 79 or (not entry.matched and e.source != event.source))):
                     entry.matched = True
                     if event.message and not e.message:
-                        entry.event = XidEvent(e.uuid, e.code, e.timestamp, e.source, event.message)
+                        entry.event = XidEvent(e.uuid, e.code, e.timestamp, e.source, event.message,
+                                               event.gpu_instance)
                     return False
             gpu.history.append(_Entry(event))
             self._prune(gpu)

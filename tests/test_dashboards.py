@@ -17,7 +17,9 @@ from tests.fakenvml.scenario import REPO
 DASHBOARDS = sorted((REPO / "dashboards").glob("*.json"))
 RECORDED = {r["record"] for g in yaml.safe_load((REPO / "rules" / "nvml-exporter-records.yml").read_text())["groups"]
             for r in g["rules"]}
-SERVED = {m.name for m in ALL_METRICS} | RECORDED | {"ALERTS", "up"}
+HISTOGRAMS = {m.name for m in ALL_METRICS if m.type == "histogram"}
+SERVED = ({m.name for m in ALL_METRICS} | RECORDED | {"ALERTS", "up"}
+          | {f"{h}_{suffix}" for h in HISTOGRAMS for suffix in ("bucket", "sum", "count")})
 
 
 def panels(dash: dict) -> list[dict]:
@@ -64,6 +66,7 @@ def test_dashboard_model(path) -> None:  # type: ignore[no-untyped-def]
 def test_node_dashboard_shows_every_metric_family() -> None:
     dash = json.loads((REPO / "dashboards" / "nvml-exporter-node.json").read_text())
     shown = set().union(*(metric_names(e) for e in exprs(dash)))
+    shown |= {h for h in HISTOGRAMS if {f"{h}_bucket", f"{h}_count"} & shown}
     missing = {m.name for m in ALL_METRICS} - shown
     assert not missing
     assert [p["title"] for p in dash["panels"] if p["type"] == "row"] == [

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from nvml_exporter.diagnosis import CHECKS, RULE_INPUTS, SNAPSHOT_RULES, diagnose
+from nvml_exporter.diagnosis import CHECKS, RULE_INPUTS, SNAPSHOT_RULES, Finding, diagnose
 from nvml_exporter.snapshot import GpuIdentity, GpuSnapshot, Values
 from nvml_exporter.xidstore import XidEvent
 from tests.conftest import collector_over
@@ -143,17 +143,46 @@ def test_check(snap: GpuSnapshot, history: list[XidEvent], prev: Values | None, 
 # recovery action is always a demand).
 REACHABLE = {"availability": {"warning", "critical"}, "memory": {"warning", "critical"},
              "thermal": {"warning", "critical"}, "power": {"warning", "critical"}, "pcie": {"warning"},
-             "nvlink": {"warning", "critical"}, "xid": {"warning", "critical"}, "recovery_action": {"critical"}}
+             "nvlink": {"warning", "critical"}, "xid": {"warning", "critical"}, "recovery_action": {"critical"},
+             "history": {"critical"}}
 
 
 def test_every_check_has_a_case_at_each_severity() -> None:
     assert set(REACHABLE) == set(CHECKS)
     assert {(r[0], r[1]) for r in SNAPSHOT_RULES} <= {(c, s) for c, ss in REACHABLE.items() for s in ss}
-    seen = {(c[4], c[5]) for c in CASES}
+    seen = {(c[4], c[5]) for c in CASES} | {("history", "critical")}  # test_an_escalation_is_its_own_check
     for check, severities in REACHABLE.items():
         for severity in severities | {"ok"}:
             assert (check, severity) in seen or severity == "ok", (check, severity)
     assert all(c.status == "ok" for c in diagnose(gpu(), [], gpu(), 60.0, NOW).checks)
+
+
+def test_an_escalation_is_its_own_check_and_outranks_the_xid_it_came_from() -> None:
+    escalation = Finding("history", "critical", "rma_eval", "Xid 79 came back after 2 GPU resets or reboots")
+    d = diagnose(gpu(), xids((79, 10)), None, 0, NOW, [escalation])
+    checks = {c.name: c for c in d.checks}
+    assert (checks["history"].status, checks["history"].action, checks["history"].reason) == (
+        "critical", "rma_eval", escalation.reason)
+    assert (checks["xid"].status, checks["xid"].action) == ("critical", "reboot_node")
+    assert d.action == "rma_eval"
+
+
+def xid13(ago: float, where: str) -> XidEvent:
+    return XidEvent("GPU-0", 13, NOW - ago, "journal",
+                    f"pid=1, name=a, Graphics SM Warp Exception on ({where}, SM 0): Illegal Instruction Parameter")
+
+
+def test_xid13_repeats_count_at_one_gpc_and_tpc() -> None:
+    same = diagnose(gpu(), [xid13(5000, "GPC 7, TPC 3"), xid13(10, "GPC 7, TPC 3")], None, 0, NOW)
+    check = {c.name: c for c in same.checks}["xid"]
+    assert (check.status, check.action) == ("warning", "rma_eval")
+    assert "(GPC 7, TPC 3)" in check.reason
+    apart = diagnose(gpu(), [xid13(5000, "GPC 7, TPC 3"), xid13(10, "GPC 1, TPC 0")], None, 0, NOW)
+    assert {c.name: c for c in apart.checks}["xid"].status == "ok"
+    # an ESR line of each event names no location: it does not join the two events up
+    esr = XidEvent("GPU-0", 13, 0, "journal", "Graphics Exception: ESR 0x57c730=0xc04000b")
+    apart = diagnose(gpu(), [xid13(5000, "GPC 7, TPC 3"), esr, xid13(10, "GPC 1, TPC 0"), esr], None, 0, NOW)
+    assert {c.name: c for c in apart.checks}["xid"].status == "ok"
 
 
 def test_critical_outranks_warning_for_the_recommended_action() -> None:

@@ -16,7 +16,8 @@ def test_metrics_reference_is_generated_from_the_table() -> None:
 
 def test_metric_names_follow_the_contract() -> None:
     for m in ALL_METRICS:
-        assert m.name.startswith(("nvidia_gpu_", "nvml_exporter_")), m.name
+        assert m.name.startswith(("nvidia_gpu_", "nvml_exporter_", "nvidia_nvswitch_")), m.name
+        assert m.per_gpu == m.name.startswith("nvidia_gpu_"), m.name
         assert m.name.endswith("_total") == (m.type == "counter"), m.name
         assert not {"gpu", "uuid"} & set(m.labels) or not m.per_gpu, m.name
 

@@ -176,8 +176,11 @@ def test_every_metric_with_the_value_the_scenario_implies(fake: FakeNvml, start_
     # (error and invalid-reading counters appear with their first count: nothing fails in this scenario,
     # not even NumFans, which a real Hopper board answers with 0)
     missing = {m.name for m in ALL_METRICS} - families
+    # (and the incident history's, and NVSwitch SXids from the journal: tests/test_history.py)
     assert missing == {"nvml_exporter_invalid_readings_total", "nvml_exporter_nvml_errors_total",
-                       "nvml_exporter_collect_timeouts_total"}
+                       "nvml_exporter_collect_timeouts_total",
+                       "nvidia_gpu_incidents_total", "nvidia_gpu_incident_interval_seconds",
+                       "nvidia_nvswitch_sxid_errors_total"}
     # GPU 3's throttling and pending remap show in its diagnosis
     uuid3 = state["gpu.3.uuid"]
     assert s[f'nvidia_gpu_health{{gpu="3",uuid="{uuid3}",check="thermal"}}'] == 2
@@ -199,8 +202,9 @@ def test_page_passes_promtool_and_prometheus_client_parser(fake: FakeNvml, start
     assert len(families["nvidia_gpu_up"].samples) == 8
     for m in GPU_METRICS:
         if m.name in ("nvidia_gpu_xid_errors_total", "nvidia_gpu_xid_last_timestamp_seconds",
-                      "nvidia_gpu_nvml_events_total"):
-            continue  # only once an event arrived; covered above
+                      "nvidia_gpu_nvml_events_total", "nvidia_gpu_incidents_total",
+                      "nvidia_gpu_incident_interval_seconds"):
+            continue  # only once an event arrived, or with the incident history on; covered elsewhere
         family = families.get(m.name.removesuffix("_total"))
         assert family is not None, m.name
         for sample in family.samples:

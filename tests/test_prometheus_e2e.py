@@ -18,6 +18,7 @@ import pytest
 from tests import promstack
 from tests.conftest import wait_for
 from tests.fakenvml.scenario import REPO, FakeNvml
+from tests.journal import write_journal, xid_line
 from tests.promstack import Api
 
 VARIABLES = {"$instance": ".*", "$gpu": ".*", "$__rate_interval": "30s", "${datasource}": "", "$N": "1024",
@@ -26,7 +27,14 @@ VARIABLES = {"$instance": ".*", "$gpu": ".*", "$__rate_interval": "30s", "${data
 
 @pytest.fixture
 def prometheus(tmp_path: Path, fake: FakeNvml, start_exporter) -> Iterator[Api]:
-    exp = start_exporter(fake, "--collect.min-interval=100ms", "--no-xid.journal", wait_ready=True)
+    # The kernel journal holds an Xid 79 of GPU 1 from two hours ago (so the one injected below is that
+    # GPU's second incident, for the time-between-incidents panels) and an NVSwitch SXid.
+    journal = write_journal(tmp_path / "kernel.journal", [
+        (time.time() - 7200, xid_line("0000:64:00", 79, "GPU has fallen off the bus.")),
+        (time.time() - 7200, "nvidia-nvswitch0: SXid (PCI:0000:c3:00.0): 20009, Non-fatal, Link 28 RX Short Error"),
+    ])
+    exp = start_exporter(fake, "--collect.min-interval=100ms", f"--xid.journal-path={journal}",
+                         f"--history.path={tmp_path / 'history.sqlite'}", wait_ready=True)
     with promstack.prometheus(tmp_path, exp.port) as prom:
         yield prom
 

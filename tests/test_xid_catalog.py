@@ -84,10 +84,16 @@ def test_store_bounds_history_and_merges_the_two_sources() -> None:
     counts = store.series("GPU-a")
     assert counts[13][0] + counts[31][0] == 10_000  # ...then with every Xid counted
     # the journal's line for an Xid already counted from NVML adds its text, not a count
-    assert store.record(XidEvent("GPU-b", 79, now + 1, "nvml"))
-    assert not store.record(XidEvent("GPU-b", 79, now + 1.2, "journal", "GPU has fallen off the bus."))
-    assert store.record(XidEvent("GPU-b", 79, now + 1.3, "journal", "a second one"))  # unmatched: counts
-    assert [e.message for e in store.history("GPU-b")] == ["GPU has fallen off the bus.", "a second one"]
+    assert store.record(XidEvent("GPU-b", 48, now + 1, "nvml"))
+    assert not store.record(XidEvent("GPU-b", 48, now + 1.2, "journal", "An uncorrectable double bit error"))
+    assert store.record(XidEvent("GPU-b", 48, now + 1.3, "journal", "a second one"))  # unmatched: counts
+    assert [e.message for e in store.history("GPU-b")] == ["An uncorrectable double bit error", "a second one"]
+    # a GPU falls off the bus once per event: NVML's Xid 79, the Xid 79 line and the driver's line
+    # without an Xid (parsed as 79) are one, in whichever order they come
+    assert store.record(XidEvent("GPU-d", 79, now + 1, "journal", "GPU 0000:64:00.0: GPU has fallen off the bus."))
+    assert not store.record(XidEvent("GPU-d", 79, now + 1.1, "journal", "GPU has fallen off the bus."))
+    assert not store.record(XidEvent("GPU-d", 79, now + 1.2, "nvml"))
+    assert len(store.history("GPU-d")) == 1
     # a backfilled Xid (before start) is history: served with its count at once
     assert store.record(XidEvent("GPU-c", 48, now - 3600, "journal", "DBE"))
     assert store.series("GPU-c") == {48: (1.0, now - 3600)}
