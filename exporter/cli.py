@@ -131,10 +131,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"nvml-exporter: error: cannot listen on {host or '*'}:{port}: {e.strerror}", file=sys.stderr)
             return 1
 
+    stopping = threading.Event()
+
     def stop(signum: int, _frame: object) -> None:
         log.info("shutting down", extra={"signal": signal.Signals(signum).name})
+        if stopping.is_set():
+            return
+        stopping.set()
         sdnotify.notify("STOPPING=1")
-        threading.Thread(target=server.shutdown, daemon=True).start()
+        # The handler runs in the main thread, inside serve_forever's wait: raising ends that wait now,
+        # which lets the wait be long (a short poll interval woke an idle exporter twice a second).
+        raise _Stopping
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
@@ -145,13 +152,22 @@ def main(argv: Sequence[str] | None = None) -> int:
                                   "socket_activated": activated is not None})
     watchdog = _systemd(collector, args.timeout)
     try:
-        server.serve_forever()
+        server.serve_forever(poll_interval=_SERVE_POLL_SECONDS)
+    except _Stopping:
+        log.debug("serving stopped")
     finally:
         if watchdog is not None:
             watchdog.stop()
         collector.stop()
         server.server_close()
     return 0
+
+
+class _Stopping(Exception):
+    """SIGTERM or SIGINT: out of serve_forever."""
+
+
+_SERVE_POLL_SECONDS = 3600.0  # nothing else asks serve_forever to stop: a signal ends its wait at once
 
 
 def _one_malloc_arena() -> None:
