@@ -11,7 +11,7 @@ CFLAGS_FAKE := -O2 -g -Wall -Wextra -Werror -std=c11 -fPIC -shared -fvisibility=
 VERSION := $(shell sed -n 's/^__version__ = "\(.*\)"/\1/p' exporter/__init__.py)
 DEB := dist/prometheus-nvml-exporter_$(VERSION)_all.deb
 
-.PHONY: deps venv fakenvml test lint demo docs deb bench gpu-carry clean
+.PHONY: deps venv fakenvml test lint demo docs deb bench bench-idle gpu-carry clean
 
 deps:
 	@tools/install-deps
@@ -55,9 +55,10 @@ $(DEB): venv $(shell git ls-files exporter packaging rules dashboards docs READM
 	mv build/deb/prometheus-nvml-exporter_$(VERSION)_all.deb dist/
 
 # Figures against a tutorial-style exporter, nvitop-exporter (PyPI, in its own venv) and the C floor
-# (../shared/bench/cref, compiled here because shared/ may be read-only). Prints a table, writes
-# bench/results.json. Not part of `make test`: timings belong to benchmarks, not to assertions.
-CREF_SRC ?= ../shared/bench/cref/cref.c
+# (bench/cref/cref.c: the exporter's NVML calls and page in C). Prints a table, writes bench/results.json.
+# Not part of `make test`: timings belong to benchmarks, not to assertions. `make bench-idle`: only the
+# idle-CPU figure (a minute).
+CREF_SRC := bench/cref/cref.c
 bench: venv fakenvml build/bench-venv/bin/nvitop-exporter build/cref/cref
 	$(BIN)/python bench/run.py
 
@@ -65,9 +66,12 @@ build/bench-venv/bin/nvitop-exporter:
 	$(PYTHON) -m venv build/bench-venv
 	build/bench-venv/bin/pip install -q --disable-pip-version-check nvitop-exporter
 
-build/cref/cref: $(CREF_SRC)
+bench-idle: venv fakenvml
+	$(BIN)/python bench/run.py --idle
+
+build/cref/cref: $(CREF_SRC) | deps
 	mkdir -p build/cref
-	$(CC) -O2 -Wall -Wextra -std=c11 -o $@ $(CREF_SRC) -ldl
+	$(CC) -O2 -Wall -Wextra -Werror -std=c11 -o $@ $(CREF_SRC) -ldl
 
 # What tests/gpu/run.sh needs on a GPU machine that has no network and may lack promtool or gcc:
 # carry build/gpu-carry (device tool: carry=["build/gpu-carry"]).
