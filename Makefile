@@ -45,11 +45,18 @@ demo: deps venv fakenvml
 # The Debian package, built with Debian's own Python and tools (not pyenv's), from the tracked sources
 # plus NVIDIA's pynvml.py, bundled privately (Debian's python3-pynvml would pull in a driver library).
 deb: $(DEB)
-$(DEB): venv $(shell git ls-files exporter packaging rules dashboards docs README.md LICENSE 2>/dev/null)
+# The vendored pynvml.py has no version of its own: a minimal dist-info of the nvidia-ml-py it comes
+# from goes beside it, which importlib.metadata reads (nvml_exporter_build_info's pynvml_version).
+$(DEB): deps venv $(shell git ls-files exporter packaging rules dashboards docs examples README.md LICENSE 2>/dev/null)
 	rm -rf build/deb && mkdir -p build/deb/src/vendor dist
-	tar -cf - --exclude=__pycache__ exporter rules dashboards docs packaging README.md LICENSE | tar -xf - -C build/deb/src
+	tar -cf - --exclude=__pycache__ exporter rules dashboards docs examples packaging README.md LICENSE | \
+		tar -xf - -C build/deb/src
 	cp -r packaging/debian build/deb/src/debian
 	cp "$$($(BIN)/python -c 'import pynvml; print(pynvml.__file__)')" build/deb/src/vendor/pynvml.py
+	v=$$($(BIN)/python -c 'import importlib.metadata as m; print(m.version("nvidia-ml-py"))') && \
+		mkdir build/deb/src/vendor/nvidia_ml_py-$$v.dist-info && \
+		printf 'Metadata-Version: 2.1\nName: nvidia-ml-py\nVersion: %s\n' "$$v" \
+			> build/deb/src/vendor/nvidia_ml_py-$$v.dist-info/METADATA
 	cd build/deb/src && env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin HOME=$$HOME LC_ALL=C.UTF-8 \
 		dpkg-buildpackage -us -uc -b >../build.log 2>&1 || { tail -40 ../build.log; exit 1; }
 	mv build/deb/prometheus-nvml-exporter_$(VERSION)_all.deb dist/

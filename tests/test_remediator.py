@@ -317,7 +317,7 @@ def test_check_config_gives_clear_errors(tmp_path: Path, text: str, message: str
 
 
 def test_example_policy_is_valid_and_the_remediator_never_imports_the_collector(workdir: Path) -> None:
-    example = Path(__file__).resolve().parents[1] / "packaging" / "remediator.example.yml"
+    example = Path(__file__).resolve().parents[1] / "examples" / "remediator.example.yml"
     text = example.read_text().replace("/usr/bin/scontrol", str(workdir / "bin" / "scontrol")).replace(
         "/usr/bin/nvidia-smi", str(workdir / "bin" / "nvidia-smi"))
     (workdir / "example.yml").write_text(text)
