@@ -143,15 +143,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         # which lets the wait be long (a short poll interval woke an idle exporter twice a second).
         raise _Stopping
 
+    watchdog: sdnotify.Watchdog | None = None
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
-    collector.start()
-    threading.Thread(target=_freeze_startup_objects, args=(collector,), name="gc-freeze", daemon=True).start()
-    log.info("listening", extra={"address": f"{host or '*'}:{server.server_address[1]}",
-                                  "tls": web.ssl_context is not None, "version": __version__,
-                                  "socket_activated": activated is not None})
-    watchdog = _systemd(collector, args.timeout)
-    try:
+    try:  # (from here on: a signal may arrive before serve_forever is reached)
+        collector.start()
+        threading.Thread(target=_freeze_startup_objects, args=(collector,), name="gc-freeze", daemon=True).start()
+        log.info("listening", extra={"address": f"{host or '*'}:{server.server_address[1]}",
+                                      "tls": web.ssl_context is not None, "version": __version__,
+                                      "socket_activated": activated is not None})
+        watchdog = _systemd(collector, args.timeout)
         server.serve_forever(poll_interval=_SERVE_POLL_SECONDS)
     except _Stopping:
         log.debug("serving stopped")

@@ -18,7 +18,7 @@ log = logging.getLogger("nvml_exporter.events")
 WANTED = sum(EVENT_NAMES)
 RECHECK_SECONDS = 2.0  # how often the set of attached GPUs is compared with the registered one
 # A wait lasts until the next comparison: the driver wakes the thread when an event arrives, so a
-# shorter wait only costs wake-ups (at 0.5 s slices they were a third of the idle exporter's CPU).
+# shorter wait only costs wake-ups (0.5 s slices were most of the idle exporter's CPU: make bench-idle).
 MIN_WAIT_MS = 50
 DRAIN_MAX = 10_000  # events read from a set before it is replaced
 

@@ -163,7 +163,7 @@ class Server(ThreadingHTTPServer):
 
 
 # The state directory: the packaged unit's StateDirectory= (/var/lib/ + its name), which
-# tests/test_packaging.py holds equal to these, so that `reset-breaker` with no flag opens the service's
+# tests/test_remediator_state.py holds equal to these, so that `reset-breaker` with no flag opens the service's
 # database. STATE_FILE is the SQLite queue, keys, cooldowns and breaker inside it.
 DEFAULT_STORAGE = "/var/lib/prometheus-nvml-remediator"
 DEFAULT_AUDIT_LOG = DEFAULT_STORAGE + "/audit.jsonl"
