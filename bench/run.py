@@ -219,7 +219,7 @@ def cref_block(fake: FakeNvml, seconds: float) -> dict[str, float]:
 
 def collect_render_block(fake: FakeNvml, seconds: float) -> dict[str, float]:
     """One run of bench/collect_render.py: our collect + render without HTTP, looped as cref is (the figure
-    cref's README compares the floor with)."""
+    cref.c's header compares the floor with)."""
     return _looped([sys.executable, str(HERE / "collect_render.py")], fake, seconds)
 
 
@@ -411,7 +411,7 @@ def report(r: dict[str, Any]) -> str:
         ("CPU per scrape ≥ 10× lower than naive (8 GPUs)", c8["naive"]["cpu_ms"] / c8["ours"]["cpu_ms"], ">= 10"),
         ("CPU per scrape below nvitop-exporter's per collection (8 GPUs)",
          (c8["nvitop"]["cpu_ms"] / c8["ours"]["cpu_ms"]) if c8["nvitop"] else None, "> 1"),
-        ("collect + render CPU within 2× of the C floor, compared as its README says (8 GPUs, 0 µs)",
+        ("collect + render CPU within 2× of the C floor, compared as cref.c's header says (8 GPUs, 0 µs)",
          (c8["ours_collect_render"]["cpu_ms"] / c8["cref"]["cpu_ms"]) if c8.get("cref") else None, "<= 2"),
         ("whole scrape's CPU, HTTP included, over the C floor's (8 GPUs, 0 µs; the floor serves no HTTP)",
          (c8["ours"]["cpu_ms"] / c8["cref"]["cpu_ms"]) if c8.get("cref") else None, "<= 2 (stricter)"),

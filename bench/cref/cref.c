@@ -11,7 +11,9 @@
  * the contract's names, types and labels, as Prometheus text into one buffer with snprintf. A symbol
  * the library lacks, or a call that does not answer success, leaves its series out, as the exporter does.
  *
- * It is single-threaded on purpose: it measures the CPU work of a collection, not its latency.
+ * It is single-threaded on purpose: it measures the CPU work of a collection, not its latency. The
+ * figure to hold against it is the exporter's own collect + render CPU over the same scenario, in the
+ * same run (bench/collect_render.py), as a ratio: a scrape also pays for HTTP, which this does not do.
  * It loads libnvidia-ml.so.1 with dlopen, so it runs over the real driver or over tests/fakenvml.
  *
  *   cref [-n COLLECTIONS] [-o PAGE_FILE] [-s SLOW_SECONDS]
