@@ -11,7 +11,7 @@ CFLAGS_FAKE := -O2 -g -Wall -Wextra -Werror -std=c11 -fPIC -shared -fvisibility=
 VERSION := $(shell sed -n 's/^__version__ = "\(.*\)"/\1/p' exporter/__init__.py)
 DEB := dist/prometheus-nvml-exporter_$(VERSION)_all.deb
 
-.PHONY: deps venv fakenvml test lint demo docs deb bench gpu-carry clean
+.PHONY: deps venv fakenvml test lint demo docs deb bench bench-idle gpu-carry clean
 
 deps:
 	@tools/install-deps
@@ -45,19 +45,27 @@ demo: deps venv fakenvml
 # The Debian package, built with Debian's own Python and tools (not pyenv's), from the tracked sources
 # plus NVIDIA's pynvml.py, bundled privately (Debian's python3-pynvml would pull in a driver library).
 deb: $(DEB)
-$(DEB): venv $(shell git ls-files exporter packaging rules dashboards docs README.md LICENSE 2>/dev/null)
+# The vendored pynvml.py has no version of its own: a minimal dist-info of the nvidia-ml-py it comes
+# from goes beside it, which importlib.metadata reads (nvml_exporter_build_info's pynvml_version).
+$(DEB): deps venv $(shell git ls-files exporter packaging rules dashboards docs examples README.md LICENSE 2>/dev/null)
 	rm -rf build/deb && mkdir -p build/deb/src/vendor dist
-	tar -cf - --exclude=__pycache__ exporter rules dashboards docs packaging README.md LICENSE | tar -xf - -C build/deb/src
+	tar -cf - --exclude=__pycache__ exporter rules dashboards docs examples packaging README.md LICENSE | \
+		tar -xf - -C build/deb/src
 	cp -r packaging/debian build/deb/src/debian
 	cp "$$($(BIN)/python -c 'import pynvml; print(pynvml.__file__)')" build/deb/src/vendor/pynvml.py
+	v=$$($(BIN)/python -c 'import importlib.metadata as m; print(m.version("nvidia-ml-py"))') && \
+		mkdir build/deb/src/vendor/nvidia_ml_py-$$v.dist-info && \
+		printf 'Metadata-Version: 2.1\nName: nvidia-ml-py\nVersion: %s\n' "$$v" \
+			> build/deb/src/vendor/nvidia_ml_py-$$v.dist-info/METADATA
 	cd build/deb/src && env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin HOME=$$HOME LC_ALL=C.UTF-8 \
 		dpkg-buildpackage -us -uc -b >../build.log 2>&1 || { tail -40 ../build.log; exit 1; }
 	mv build/deb/prometheus-nvml-exporter_$(VERSION)_all.deb dist/
 
 # Figures against a tutorial-style exporter, nvitop-exporter (PyPI, in its own venv) and the C floor
-# (../shared/bench/cref, compiled here because shared/ may be read-only). Prints a table, writes
-# bench/results.json. Not part of `make test`: timings belong to benchmarks, not to assertions.
-CREF_SRC ?= ../shared/bench/cref/cref.c
+# (bench/cref/cref.c: the exporter's NVML calls and page in C). Prints a table, writes bench/results.json.
+# Not part of `make test`: timings belong to benchmarks, not to assertions. `make bench-idle`: only the
+# idle-CPU figure (a minute).
+CREF_SRC := bench/cref/cref.c
 bench: venv fakenvml build/bench-venv/bin/nvitop-exporter build/cref/cref
 	$(BIN)/python bench/run.py
 
@@ -65,9 +73,12 @@ build/bench-venv/bin/nvitop-exporter:
 	$(PYTHON) -m venv build/bench-venv
 	build/bench-venv/bin/pip install -q --disable-pip-version-check nvitop-exporter
 
-build/cref/cref: $(CREF_SRC)
+bench-idle: venv fakenvml
+	$(BIN)/python bench/run.py --idle
+
+build/cref/cref: $(CREF_SRC) | deps
 	mkdir -p build/cref
-	$(CC) -O2 -Wall -Wextra -std=c11 -o $@ $(CREF_SRC) -ldl
+	$(CC) -O2 -Wall -Wextra -Werror -std=c11 -o $@ $(CREF_SRC) -ldl
 
 # What tests/gpu/run.sh needs on a GPU machine that has no network and may lack promtool or gcc:
 # carry build/gpu-carry (device tool: carry=["build/gpu-carry"]).

@@ -1,5 +1,5 @@
-"""The exporter's own collect + render, without HTTP: the figure the C floor's README says to compare it
-with. The same Collector (sweep thread, event thread, deadlines, diagnosis) and renderer that serve
+"""The exporter's own collect + render, without HTTP: the figure the C floor's header (bench/cref/cref.c)
+says to compare it with. The same Collector (sweep thread, event thread, deadlines, diagnosis) and renderer that serve
 /metrics, started as `nvml-exporter --no-xid.journal` starts them, looped like `cref -n N`; each
 collection is handed to the renderer as a scrape hands it (Collector.collect_into).
 

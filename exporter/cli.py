@@ -154,21 +154,31 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"nvml-exporter: error: cannot listen on {host or '*'}:{port}: {e.strerror}", file=sys.stderr)
             return 1
 
+    stopping = threading.Event()
+
     def stop(signum: int, _frame: object) -> None:
         log.info("shutting down", extra={"signal": signal.Signals(signum).name})
+        if stopping.is_set():
+            return
+        stopping.set()
         sdnotify.notify("STOPPING=1")
-        threading.Thread(target=server.shutdown, daemon=True).start()
+        # The handler runs in the main thread, inside serve_forever's wait: raising ends that wait now,
+        # which lets the wait be long (a short poll interval woke an idle exporter twice a second).
+        raise _Stopping
 
+    watchdog: sdnotify.Watchdog | None = None
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
-    collector.start()
-    threading.Thread(target=_freeze_startup_objects, args=(collector,), name="gc-freeze", daemon=True).start()
-    log.info("listening", extra={"address": f"{host or '*'}:{server.server_address[1]}",
-                                  "tls": web.ssl_context is not None, "version": __version__,
-                                  "socket_activated": activated is not None})
-    watchdog = _systemd(collector, args.timeout)
-    try:
-        server.serve_forever()
+    try:  # (from here on: a signal may arrive before serve_forever is reached)
+        collector.start()
+        threading.Thread(target=_freeze_startup_objects, args=(collector,), name="gc-freeze", daemon=True).start()
+        log.info("listening", extra={"address": f"{host or '*'}:{server.server_address[1]}",
+                                      "tls": web.ssl_context is not None, "version": __version__,
+                                      "socket_activated": activated is not None})
+        watchdog = _systemd(collector, args.timeout)
+        server.serve_forever(poll_interval=_SERVE_POLL_SECONDS)
+    except _Stopping:
+        log.debug("serving stopped")
     finally:
         if watchdog is not None:
             watchdog.stop()
@@ -195,6 +205,13 @@ def _open_history(path: str | None, boot_id_path: str) -> History | str | None:
         return str(e)
     log.info("incident history", extra={"path": path, "boot_id": history.boot_id})
     return history
+
+
+class _Stopping(Exception):
+    """SIGTERM or SIGINT: out of serve_forever."""
+
+
+_SERVE_POLL_SECONDS = 3600.0  # nothing else asks serve_forever to stop: a signal ends its wait at once
 
 
 def _one_malloc_arena() -> None:

@@ -3,7 +3,7 @@
 Each check is ok, warning or critical with a reason a person can read and one action from
 xid.ACTIONS. The conditions are rows of tables, not branches: a row names the check, what it looks
 at, the limit, the severity and the action. Thresholds come from NVIDIA's and DCGM's guidance
-(shared/reference/xid-and-gpu-health.md §2-§4).
+(NVML and DCGM documentation; the checks and their limits: docs/diagnosis.md).
 """
 
 from __future__ import annotations

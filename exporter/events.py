@@ -17,8 +17,10 @@ from .xidstore import XidEvent, XidStore
 log = logging.getLogger("nvml_exporter.events")
 
 WANTED = sum(EVENT_NAMES)
-WAIT_MS = 500
 RECHECK_SECONDS = 2.0  # how often the set of attached GPUs is compared with the registered one
+# A wait lasts until the next comparison: the driver wakes the thread when an event arrives, so a
+# shorter wait only costs wake-ups (0.5 s slices were most of the idle exporter's CPU: make bench-idle).
+MIN_WAIT_MS = 50
 DRAIN_MAX = 10_000  # events read from a set before it is replaced
 XID_LOG_INTERVAL = 10.0  # seconds between log lines for one GPU's one Xid code (all are counted anyway)
 
@@ -67,17 +69,20 @@ class EventWatcher:
         checked = 0.0
         while not self._stop.is_set():
             now = time.monotonic()
-            if es is None or (now - checked >= RECHECK_SECONDS and set(self._attached()) != set(self.registered)):
+            due = now - checked >= RECHECK_SECONDS
+            if due:
+                checked = now
+            if es is None or (due and set(self._attached()) != set(self.registered)):
                 if es is not None:
                     self._drain(es)  # a new set sees only later events: read what this one still holds
                     self._free(es)
                 es = self._register()
-                checked = now
                 if es is None:
                     self._stop.wait(1.0)
                     continue
+            wait_ms = int((checked + RECHECK_SECONDS - time.monotonic()) * 1000)
             try:
-                event = es.wait(WAIT_MS)
+                event = es.wait(max(MIN_WAIT_MS, wait_ms))
             except GpuLost as e:
                 # A registered GPU fell off the bus: start over without it (it rejoins when it is back).
                 self._on_error(e.function, e.code)

@@ -2,7 +2,8 @@
 
 Each code belongs to exactly one tier; a tier fixes the severity and the default action, and the alert
 rules select Xids by tier. Sources: NVIDIA's Xid catalog (immediate-action buckets for A100/H100/B100/
-GB200) and the repeat rules used in practice (shared/reference/xid-and-gpu-health.md §1).
+GB200; tests/data/nvidia-xid-catalog.tsv is the table the tests hold this one to) and the repeat rules
+used in practice (NVIDIA Fleet Intelligence's 3-minute bursts, NVSentinel; docs/xid-catalog.md).
 """
 
 from __future__ import annotations

@@ -62,7 +62,7 @@ def test_full_chain_from_a_fake_xid79_to_a_planned_checkpoint_and_drain(
     d = tmp_path / "remediator"
     d.mkdir()
     make_standins(d)
-    example = (REPO / "packaging" / "remediator.example.yml").read_text()
+    example = (REPO / "examples" / "remediator.example.yml").read_text()
     (d / "policy.yml").write_text(example.replace("/usr/bin/scontrol", str(d / "bin" / "scontrol"))
                                   .replace("/usr/bin/nvidia-smi", str(d / "bin" / "nvidia-smi")))
     rem = start_remediator(d)  # dry run

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import wait_for
+from tests.conftest import samples, wait_for
 from tests.remediator_helpers import (
     UUID1,
     Remediator,
@@ -69,7 +69,7 @@ def test_drain_argv_audit_and_metrics(workdir: Path, remediators: list[Remediato
     assert ran["duration_seconds"] >= 0 and "output_tail" in ran
     for event in ("received", "matched", "queued"):
         assert r.events(event), event
-    assert 'nvml_remediator_actions_total{action="drain_node",result="ok"} 1.0' in r.metrics()
+    assert samples(r.metrics())['nvml_remediator_actions_total{action="drain_node",result="ok"}'] == 1
 
 
 def test_dry_run_logs_exactly_what_would_run(workdir: Path, remediators: list[Remediator]) -> None:
@@ -81,7 +81,7 @@ def test_dry_run_logs_exactly_what_would_run(workdir: Path, remediators: list[Re
     ran = r.events("ran")[0]
     assert ran["result"] == "dry_run" and ran["argv"][0][:4] == [str(workdir / "bin" / "scontrol"), "update",
                                                                  "NodeName=gpu-node-1", "State=DRAIN"]
-    assert "nvml_remediator_dry_run 1.0" in r.metrics()
+    assert samples(r.metrics())["nvml_remediator_dry_run"] == 1
 
 
 def test_authentication_and_bad_requests(workdir: Path, remediators: list[Remediator]) -> None:
@@ -214,15 +214,15 @@ def test_circuit_breaker_stops_an_alert_storm(workdir: Path, remediators: list[R
     for batch in range(5):
         alerts = [alert(node=f"node-{batch * 100 + i}", fingerprint=f"{batch * 100 + i:016x}") for i in range(100)]
         assert r.post(payload(*alerts))[1]["queued"] == 100
-    wait_for(lambda: "nvml_remediator_queue_depth 0.0" in r.metrics(), timeout=60)
+    wait_for(lambda: samples(r.metrics())["nvml_remediator_queue_depth"] == 0, timeout=60)
     assert len(drains(workdir)) == 5
     assert len(r.events("breaker_tripped")) == 1
     assert len(r.events("circuit_open")) == 495
-    assert "nvml_remediator_circuit_breaker_open 1.0" in r.metrics()
+    assert samples(r.metrics())["nvml_remediator_circuit_breaker_open"] == 1
     out = subprocess.run([sys.executable, "-m", "nvml_exporter.remediator", "reset-breaker",
                           f"--storage.path={workdir / 'state'}"], capture_output=True, text=True, check=True)
     assert "circuit breaker reset (was open: 5 actions" in out.stdout
-    assert "nvml_remediator_circuit_breaker_open 0.0" in r.metrics()
+    assert samples(r.metrics())["nvml_remediator_circuit_breaker_open"] == 0
 
 
 def test_cooldown_per_node_and_action(workdir: Path, remediators: list[Remediator]) -> None:
@@ -327,7 +327,7 @@ def test_check_config_gives_clear_errors(tmp_path: Path, text: str, message: str
 
 
 def test_example_policy_is_valid_and_the_remediator_never_imports_the_collector(workdir: Path) -> None:
-    example = Path(__file__).resolve().parents[1] / "packaging" / "remediator.example.yml"
+    example = Path(__file__).resolve().parents[1] / "examples" / "remediator.example.yml"
     text = example.read_text().replace("/usr/bin/scontrol", str(workdir / "bin" / "scontrol")).replace(
         "/usr/bin/nvidia-smi", str(workdir / "bin" / "nvidia-smi"))
     (workdir / "example.yml").write_text(text)

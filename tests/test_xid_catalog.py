@@ -2,25 +2,23 @@
 
 from __future__ import annotations
 
-import re
-
 from nvml_exporter.xid import ACTIONS, CATALOG, REPEAT_RULES, TIERS, count_bursts, lookup, tier_codes
 from nvml_exporter.xidstore import HISTORY_MAX, XidEvent, XidStore
 from tests.fakenvml.scenario import REPO
 
-REFERENCE = REPO.parent / "shared" / "reference" / "xid-and-gpu-health.md"
+CATALOG_TABLE = REPO / "tests" / "data" / "nvidia-xid-catalog.tsv"  # NVIDIA's Xid table; source in its README
 
 
 def documented_codes() -> set[int]:
-    """The codes of the Xid table (§1.2) of the shared reference, ranges and lists expanded."""
-    text = REFERENCE.read_text()
-    table = text.split("### 1.2 Xid table", 1)[1].split("### 1.3", 1)[0]
+    """The codes of NVIDIA's Xid table as the repo carries it, ranges and lists expanded."""
     codes: set[int] = set()
-    for line in table.splitlines():
-        if not line.startswith("| ") or line.startswith(("| Xid", "|---")):
-            continue
-        cell = line.split("|")[1].replace("*", "")
-        for lo, hi in re.findall(r"(\d+)(?:-(\d+))?", cell):
+    rows = [line for line in CATALOG_TABLE.read_text().splitlines() if line and not line.startswith("#")]
+    assert rows[0].split("\t") == ["codes", "mnemonic", "immediate_action"]
+    for row in rows[1:]:
+        cell, mnemonic, action = row.split("\t")
+        assert mnemonic and action, row
+        for part in cell.split(","):
+            lo, _, hi = part.partition("-")
             codes.update(range(int(lo), int(hi or lo) + 1))
     return codes
 

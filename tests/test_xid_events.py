@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import threading
 import time
 from pathlib import Path
@@ -112,6 +113,32 @@ def test_journal_backfill_counts_once_even_when_nvml_reports_the_same_xids(
     assert s["nvml_exporter_journal_up"] == 1
     assert abs(s[series(fake, 0, 63, "nvidia_gpu_xid_last_timestamp_seconds")] - (now - 600)) < 0.01
     assert s[series(fake, 1, 79, "nvidia_gpu_xid_last_timestamp_seconds")] < time.time() - 1
+
+
+def test_a_journal_line_written_while_it_runs_is_counted_promptly(tmp_path: Path, fake: FakeNvml,
+                                                                   start_exporter) -> None:
+    """The follower sleeps on the journal's inotify fd: a new journal file in the directory wakes it."""
+    directory = tmp_path / "journal"
+    directory.mkdir()
+    write_journal(directory / "system.journal", [(time.time() - 60, "an unrelated kernel line")])
+    exp = start_exporter(fake, "--collect.min-interval=10ms", f"--xid.journal-path={directory}", wait_ready=True)
+    wait_for(lambda: samples(exp.metrics()).get("nvml_exporter_journal_up") == 1)
+    time.sleep(1.0)  # the follower is past its backfill and asleep
+    written = time.monotonic()
+    write_journal(directory / "system@2.journal", [(time.time(), xid_line("0000:53:00", 31, "MMU Fault"))])
+    wait_for(lambda: samples(exp.metrics()).get(series(fake, 0, 31)) == 1, timeout=10, interval=0.05)
+    assert time.monotonic() - written < 3.0
+
+
+def test_sigterm_stops_an_idle_exporter_at_once(fake: FakeNvml, start_exporter) -> None:
+    """serve_forever waits long between polls (an idle exporter wakes for nothing): the signal ends it."""
+    exp = start_exporter(fake, wait_ready=True)
+    time.sleep(0.5)
+    t0 = time.monotonic()
+    exp.proc.send_signal(signal.SIGTERM)
+    assert exp.proc.wait(timeout=20) == 0
+    assert time.monotonic() - t0 < 5.0
+    assert "shutting down" in exp.log() and "Traceback" not in exp.log()
 
 
 def test_without_a_journal_it_says_so_once_and_counts_nvml_events(tmp_path: Path, fake: FakeNvml,

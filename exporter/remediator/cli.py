@@ -2,7 +2,7 @@
 
     nvml-remediator --config FILE --auth.token-file FILE [--execute] ...
     nvml-remediator check-config FILE
-    nvml-remediator reset-breaker --storage.path DIR
+    nvml-remediator reset-breaker [--storage.path DIR]
     nvml-remediator resume --config FILE NODE     (only nodes it drained itself)
 
 Separate from the exporter on purpose: it imports nothing of the collector and runs with the
@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import signal
+import sqlite3
 import sys
 import threading
 from collections.abc import Sequence
@@ -193,6 +194,14 @@ class App:
         return Answer.json(200, {"queued": queued, "skipped": verdicts.skipped})
 
 
+# The state directory: the packaged unit's StateDirectory= (/var/lib/ + its name), which
+# tests/test_remediator_state.py holds equal to these, so that `reset-breaker` with no flag opens the service's
+# database. STATE_FILE is the SQLite queue, keys, cooldowns and breaker inside it.
+DEFAULT_STORAGE = "/var/lib/prometheus-nvml-remediator"
+DEFAULT_AUDIT_LOG = DEFAULT_STORAGE + "/audit.jsonl"
+STATE_FILE = "remediator.sqlite"
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.prog}: error: {message}\n")
@@ -239,8 +248,8 @@ def serve(argv: Sequence[str]) -> int:
                         "(default 30s)")
     p.add_argument("--auth.token-file", dest="token_file", help="file holding the bearer token Alertmanager sends")
     p.add_argument("--insecure-no-auth", action="store_true", help="allow no authentication (loopback only)")
-    p.add_argument("--audit.log", dest="audit_log", default="/var/lib/prometheus-nvml-exporter/remediator-audit.jsonl")
-    p.add_argument("--storage.path", dest="storage", default="/var/lib/prometheus-nvml-exporter")
+    p.add_argument("--audit.log", dest="audit_log", default=DEFAULT_AUDIT_LOG)
+    p.add_argument("--storage.path", dest="storage", default=DEFAULT_STORAGE)
     p.add_argument("--execute", action="store_true", help="really run actions (default: dry run, log only)")
     p.add_argument("--workers", type=_positive, default=4, help="jobs run at once (never two on one node)")
     p.add_argument("--log.level", dest="log_level", choices=sorted(logs.LEVELS), default="info")
@@ -277,7 +286,7 @@ def serve(argv: Sequence[str]) -> int:
     health = StorageHealth(on_error=lambda store: metrics.storage_errors.labels(store).inc())
     try:
         os.makedirs(args.storage, exist_ok=True)
-        store = Store(os.path.join(args.storage, "remediator.sqlite"), health=health)
+        store = Store(os.path.join(args.storage, STATE_FILE), health=health)
         audit = Audit(args.audit_log, health=health)
     except OSError as e:
         p.error(f"cannot open state: {e.filename or args.storage}: {e.strerror or e}")
@@ -357,15 +366,29 @@ def resume_node(argv: Sequence[str]) -> int:
 
 
 def reset_breaker(argv: Sequence[str]) -> int:
-    p = _Parser(prog="nvml-remediator reset-breaker", allow_abbrev=False)
-    p.add_argument("--storage.path", dest="storage", default="/var/lib/prometheus-nvml-exporter")
+    p = _Parser(prog="nvml-remediator reset-breaker", allow_abbrev=False,
+                description="Close the circuit breaker of the remediator whose state is in --storage.path.")
+    p.add_argument("--storage.path", dest="storage", default=DEFAULT_STORAGE,
+                   help=f"the service's state directory (default: {DEFAULT_STORAGE}, the packaged unit's)")
     args = p.parse_args(argv)
+    path = os.path.join(args.storage, STATE_FILE)
+    if not os.path.isfile(path):  # opening it would make an empty database and "reset" nothing
+        print(f"{p.prog}: error: no remediator state at {path}: give the --storage.path the service runs with",
+              file=sys.stderr)
+        return 1
     try:
-        store = Store(os.path.join(args.storage, "remediator.sqlite"))
+        store = Store(path)
+    except (StorageError, sqlite3.Error) as e:
+        print(f"{p.prog}: error: cannot open {path}: {e}", file=sys.stderr)
+        return 1
+    try:
         was = store.breaker()
         store.reset_breaker()
-    except StorageError as e:
-        p.error(f"cannot reset the breaker: {e}")
+    except (StorageError, sqlite3.Error) as e:
+        print(f"{p.prog}: error: {path}: {e}", file=sys.stderr)
+        return 1
+    finally:
+        store.close()
     print("circuit breaker reset" + (f" (was open: {was[1]})" if was else " (was closed)"))
     return 0
 

@@ -251,6 +251,10 @@ class Store:
     def reset_breaker(self) -> None:
         self._tx(lambda db: db.execute("DELETE FROM breaker"))
 
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
     @staticmethod
     def _job(row: tuple[Any, ...]) -> Job:
         return Job(id=row[0], key=row[1], node=row[3], rule=row[4], alert=json.loads(row[5]),

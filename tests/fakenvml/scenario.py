@@ -1,6 +1,6 @@
 """Write scenarios for the fake libnvidia-ml.so.1 and read back what it counted.
 
-The H100 SXM5 profile follows the real captures in shared/reference/real-boards.md (driver 580,
+The H100 SXM5 profile follows captures of real boards (nvidia-smi -q and NVML, driver 580,
 8x H100 80GB HBM3): no fans (GetNumFans answers 0), no retired pages (row remapping instead), 18 NVLink
 links, ECC on, thresholds 92/89/87/95 C, 700 W limit; event types as a real Hopper board on 580 reports
 them. `h200_vm()` is the H200 our GPU check ran on (docs/hardware/), with its measured call latencies.

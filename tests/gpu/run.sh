@@ -1,7 +1,8 @@
 #!/bin/sh
 # The real-GPU check: run on a machine with an NVIDIA GPU, from a copy of this repository, with no
-# network. Needs python3 with prometheus-client and nvidia-ml-py; installs nothing. promtool and the
-# C floor come from PATH, or from build/gpu-carry/ (prepare it with `make gpu-carry` and carry it).
+# network. Needs python3 with prometheus-client and nvidia-ml-py; installs nothing. promtool comes from
+# PATH or build/gpu-carry/; the C floor from build/gpu-carry/, or is compiled from bench/cref/cref.c
+# where gcc is (prepare the folder with `make gpu-carry` and carry it).
 #
 #   tests/gpu/run.sh OUTDIR
 #
