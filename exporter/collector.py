@@ -37,6 +37,7 @@ from .journal import JournalFollower, pci_key
 from .metrics import BY_NAME
 from .nvml import GpuLost, GpuReader, Library, NvmlError, error_name
 from .snapshot import Deliver, ExporterState, GpuIdentity, GpuSnapshot, Snapshot, Values
+from .workload import Tracker
 from .xidstore import XidStore
 
 log = logging.getLogger("nvml_exporter.collector")
@@ -197,8 +198,10 @@ class Collector:
         events: bool = True,
         clock: Callable[[], float] = time.monotonic,
         wall: Callable[[], float] = time.time,
+        workloads: Tracker | None = None,
     ):
         self._lib = library
+        self.workloads = workloads  # nvidia_gpu_workload_info, read by its own threads (exporter/workload)
         self._min_interval = min_interval
         self._slow_interval = slow_interval
         self._rediscover_interval = rediscover_interval
@@ -606,6 +609,8 @@ class Collector:
                 invalid_readings=dict(self._invalid),
                 last_collect_timestamp=self._wall(),
                 journal_up=self._journal_up(),
+                workloads_dropped=None if self.workloads is None else self.workloads.dropped,
+                workload_errors={} if self.workloads is None else self.workloads.errors_total(),
             )
         return Snapshot(gpus=gpus, state=state, taken_at=self._clock())
 
@@ -651,5 +656,7 @@ class Collector:
         for name, count in sorted(self.xids.events(uuid).items()):
             values.setdefault("nvidia_gpu_nvml_events_total", {})[(name,)] = float(count)
         values.update(d.series)
+        if self.workloads is not None and (workloads := self.workloads.series(g.identity)):
+            values["nvidia_gpu_workload_info"] = workloads
         return GpuSnapshot(identity=g.identity, up=g.up, values=values, errors=g.errors, stale=g.stale,
                            collect_seconds=g.collect_seconds, diagnosis=d)

@@ -9,6 +9,8 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass
 
+from .workload import LABELS as WORKLOAD_LABELS
+
 GAUGE = "gauge"
 COUNTER = "counter"
 
@@ -23,6 +25,8 @@ class Metric:
     per_gpu: bool = True
     # Values outside [low, high] are NVML sentinels or impossible readings: dropped and counted.
     valid: tuple[float, float] = (float("-inf"), float("inf"))
+    # Labels whose value is empty are left out of the series (the workload labels other sources fill).
+    sparse: bool = False
 
 
 RATIO = (0.0, 1.0)
@@ -117,6 +121,11 @@ GPU_METRICS: tuple[Metric, ...] = (
            source="field 230 GET_GPU_RECOVERY_ACTION", valid=(0.0, 255.0)),
     Metric("nvidia_gpu_compute_processes", GAUGE, "Compute processes running on the GPU.",
            source="nvmlDeviceGetComputeRunningProcesses", valid=NON_NEGATIVE),
+    Metric("nvidia_gpu_workload_info", GAUGE,
+           "A workload (Slurm job, Kubernetes pod) on the GPU; always 1. Labels the source does not know are "
+           "left out; join on uuid (docs/workloads.md).",
+           WORKLOAD_LABELS, "--collect.workload.*: Slurm mapping files, kubelet pod-resources, NVML processes",
+           valid=(1.0, 1.0), sparse=True),
     Metric("nvidia_gpu_xid_errors_total", COUNTER,
            "Xid errors since boot, from NVML events and the kernel journal (a new series is served at 0 first).",
            ("xid",), "NVML XidCriticalError events; kernel journal NVRM: Xid lines", valid=NON_NEGATIVE),
@@ -150,6 +159,12 @@ EXPORTER_METRICS: tuple[Metric, ...] = (
     Metric("nvml_exporter_journal_up", GAUGE,
            "1 if the kernel journal is readable for Xid backfill, 0 if only NVML events are counted.",
            per_gpu=False),
+    Metric("nvml_exporter_workloads_dropped_total", COUNTER,
+           "Workloads not exported because their GPU already had 16 (each counted once while it lasts).",
+           per_gpu=False),
+    Metric("nvml_exporter_workload_refresh_errors_total", COUNTER,
+           "Reads of a workload source that failed (the scrape is served with the last good reading).",
+           ("source",), per_gpu=False),
     Metric("nvml_exporter_last_collect_timestamp_seconds", GAUGE,
            "Unix time of the last finished collection.", per_gpu=False),
 )
