@@ -65,8 +65,15 @@ def test_package_metadata_and_files(deb: Path) -> None:
                  "./usr/share/doc/prometheus-nvml-exporter/runbooks/GpuLost.md",
                  "./usr/share/man/man1/nvml-exporter.1.gz", "./usr/share/man/man1/nvml-remediator.1.gz",
                  "./lib/systemd/system/prometheus-nvml-exporter.service",
-                 "./lib/systemd/system/prometheus-nvml-remediator.service"):
+                 "./lib/systemd/system/prometheus-nvml-remediator.service",
+                 "./usr/share/prometheus-nvml-exporter/nvml_exporter/workload/kubelet.py",
+                 "./usr/share/prometheus-nvml-exporter/nvml_exporter/workload/podresources/api_pb2.py",
+                 "./usr/share/prometheus-nvml-exporter/slurm/nvml-exporter-prolog",
+                 "./usr/share/prometheus-nvml-exporter/slurm/nvml-exporter-epilog",
+                 "./usr/share/prometheus-nvml-exporter/slurm/nvml-exporter-slurm-lib.sh",
+                 "./usr/share/doc/prometheus-nvml-exporter/workloads.md"):
         assert path in files, path
+    assert re.search(r"^ Recommends: .*python3-grpcio", info, re.M)
 
 
 def test_install_creates_users_and_enables_only_the_exporter(root: Path) -> None:

@@ -75,17 +75,23 @@ def test_slurm_unreadable_files_are_counted_and_the_rest_is_used(tmp_path: Path)
     assert tracker.workloads(GPU1) == ()
 
 
-def test_slurm_missing_directory_is_an_error_that_keeps_the_last_reading(tmp_path: Path) -> None:
+def test_slurm_directory_missing_means_no_jobs_and_unreadable_is_an_error(tmp_path: Path) -> None:
     d = tmp_path / "jobs"
+    tracker = Tracker([SlurmDir(str(d))])
+    assert tracker.refresh(tracker.sources[0])  # before the first prolog made it: no jobs, no error
     d.mkdir()
     (d / "0").write_text("100\n")
-    tracker = Tracker([SlurmDir(str(d))])
     assert tracker.refresh(tracker.sources[0])
+    assert tracker.workloads(GPU0) == (slurm("100",),)
     (d / "0").unlink()
     d.rmdir()
+    d.write_text("a file where the directory should be\n")
     assert not tracker.refresh(tracker.sources[0])
     assert tracker.errors_total() == {"slurm": 1}
-    assert tracker.workloads(GPU0) == (slurm("100"),)
+    assert tracker.workloads(GPU0) == (slurm("100"),)  # the last good reading is kept
+    d.unlink()
+    assert tracker.refresh(tracker.sources[0])
+    assert tracker.workloads(GPU0) == ()
 
 
 @pytest.mark.parametrize("line", ["12 34", "job;rm", "1 user"])

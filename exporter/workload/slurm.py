@@ -59,6 +59,12 @@ class SlurmDir:
             st = os.stat(self.path)
             with os.scandir(self.path) as it:
                 entries = sorted((e.name, e.stat()) for e in it if not e.name.startswith("."))
+        except FileNotFoundError:
+            # Before the first job the prolog has not made the directory yet (it lives under /run): no
+            # jobs, not an error. A path that is not a directory, or not readable, is one.
+            if self._signature != ("absent",):
+                log.info("no Slurm job directory (yet): no jobs", extra={"path": self.path})
+            return ("absent",), []
         except OSError as e:
             self._signature = None
             raise SourceError(f"cannot read {self.path}: {e.strerror}") from None
