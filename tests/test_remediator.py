@@ -72,6 +72,23 @@ def test_drain_argv_audit_and_metrics(workdir: Path, remediators: list[Remediato
     assert 'nvml_remediator_actions_total{action="drain_node",result="ok"} 1.0' in r.metrics()
 
 
+def test_drain_reason_and_audit_name_the_jobs_on_the_gpu(workdir: Path, remediators: list[Remediator]) -> None:
+    """The alert's `workloads` annotation (docs/workloads.md) names the jobs; words that are not job ids
+    are left out and counted."""
+    policy(workdir, DRAIN_RULES)
+    r = run(workdir, remediators, "--execute")
+    a = alert()
+    a["annotations"]["workloads"] = "1003, 1004 ml/train-0 $(reboot)"
+    assert r.post(payload(a)) == (200, {"queued": 1, "skipped": {}})
+    wait_for(lambda: r.events("done"))
+    assert drains(workdir) == [["scontrol", "update", "NodeName=gpu-node-1", "State=DRAIN",
+                                f"Reason=nvml-remediator: GpuXidFellOffBus gpu=1 uuid={UUID1} fp=9385457bd1cc4094"
+                                " jobs=1003,1004,ml/train-0"]]
+    matched = r.events("matched")[0]
+    assert (matched["workloads"], matched["workloads_refused"]) == (["1003", "1004", "ml/train-0"], 1)
+    assert r.events("ran")[0]["workloads"] == r.events("done")[0]["workloads"] == ["1003", "1004", "ml/train-0"]
+
+
 def test_dry_run_logs_exactly_what_would_run(workdir: Path, remediators: list[Remediator]) -> None:
     policy(workdir, DRAIN_RULES)
     r = run(workdir, remediators)

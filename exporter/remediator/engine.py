@@ -26,6 +26,19 @@ log = logging.getLogger("nvml_remediator")
 NODE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
 UUID = re.compile(r"^GPU-[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$")
 SAFE = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
+# The jobs on the alert's GPU, from the alert's `workloads` annotation (docs/workloads.md): Slurm job ids,
+# namespace/pod. Anything else is left out of the drain reason and the audit.
+WORKLOAD = re.compile(r"^[A-Za-z0-9_.:+/@-]{1,128}$")
+MAX_WORKLOADS = 16
+
+
+def workloads_of(alert: Mapping[str, Any]) -> tuple[list[str], int]:
+    """(the valid workload ids of the alert's annotation, how many words were refused)."""
+    annotations = alert.get("annotations")
+    text = annotations.get("workloads", "") if isinstance(annotations, dict) else ""
+    words = [w for w in re.split(r"[\s,]+", str(text)) if w]
+    valid = [w for w in words if WORKLOAD.match(w)][:MAX_WORKLOADS]
+    return valid, len(words) - len(valid)
 FINGERPRINT = re.compile(r"^[0-9a-f]{1,32}$")
 LABEL_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
 OUTPUT_TAIL = 2000
@@ -109,9 +122,11 @@ def plan(payload: Any, policy: Policy, audit: Audit) -> Verdicts:
             continue
         steps = [s.name for s in rule.steps]
         key = f"{fingerprint}|{starts}|{rule.name}"
-        audit.write("matched", rule=rule.name, steps=steps, node=node, key=key, **base)
+        workloads, refused = workloads_of(a)
+        audit.write("matched", rule=rule.name, steps=steps, node=node, key=key, workloads=workloads,
+                    **({"workloads_refused": refused} if refused else {}), **base)
         out.planned.append(Planned(key, node, rule.name, {"labels": labels, "fingerprint": fingerprint,
-                                                          "startsAt": starts}, steps))
+                                                          "startsAt": starts, "workloads": workloads}, steps))
     return out
 
 
@@ -235,6 +250,8 @@ class Engine:
     def _run_job(self, job: Job) -> None:
         labels = job.alert["labels"]
         base = {"key": job.key, "node": job.node, "rule": job.rule, "alertname": labels.get("alertname", "")}
+        if workloads := job.alert.get("workloads"):
+            base["workloads"] = workloads  # the jobs on the GPU, in every record of what was done to it
         if job.next_step == 0:
             last = self.store.last_node_action(job.node, job.key)
             if last is not None and self._clock() - last < self.cooldowns["node"]:
@@ -311,6 +328,8 @@ class Engine:
         p, labels = self.policy, job.alert["labels"]
         reason = (f"{p.drain_prefix} {labels.get('alertname')} gpu={labels.get('gpu', '-')} "
                   f"uuid={labels.get('uuid', '-')} fp={job.alert['fingerprint']}")
+        if workloads := job.alert.get("workloads"):  # (absent from jobs queued by an older remediator)
+            reason += f" jobs={','.join(workloads)}"
         if p.scheduler == "slurm":
             plan = [[p.command("scontrol"), "update", f"NodeName={job.node}", "State=DRAIN", f"Reason={reason}"]]
         else:
