@@ -26,7 +26,11 @@ VARIABLES = {"$instance": ".*", "$gpu": ".*", "$__rate_interval": "30s", "${data
 
 @pytest.fixture
 def prometheus(tmp_path: Path, fake: FakeNvml, start_exporter) -> Iterator[Api]:
-    exp = start_exporter(fake, "--collect.min-interval=100ms", "--no-xid.journal", wait_ready=True)
+    jobs = tmp_path / "slurm"  # a Slurm job on GPU 1, for the dashboard's workload table
+    jobs.mkdir()
+    (jobs / fake.state["gpu.1.uuid"]).write_text("4242 user=alice\n")
+    exp = start_exporter(fake, "--collect.min-interval=100ms", "--no-xid.journal",
+                         f"--collect.workload.slurm-dir={jobs}", wait_ready=True)
     with promstack.prometheus(tmp_path, exp.port) as prom:
         yield prom
 
