@@ -5,23 +5,20 @@ from __future__ import annotations
 
 import os
 import time
-from concurrent import futures
 from pathlib import Path
 
-import grpc
 import pytest
 
 from nvml_exporter.nvml import Process
 from nvml_exporter.snapshot import GpuIdentity
 from nvml_exporter.workload import CAP, SourceError, Tracker, Workload, device_key
 from nvml_exporter.workload.kubelet import Kubelet
-from nvml_exporter.workload.podresources import api_pb2, api_pb2_grpc
 from nvml_exporter.workload.processes import Processes, attribute
 from nvml_exporter.workload.slurm import SlurmDir, parse_line
+from tests.kubelet_stub import GPU0_UUID, MIG_A, serving
 
-GPU0 = GpuIdentity(0, "GPU-00000000-0000-0000-0000-000000000000", minor_number="0")
+GPU0 = GpuIdentity(0, GPU0_UUID, minor_number="0")
 GPU1 = GpuIdentity(1, "GPU-11111111-1111-1111-1111-111111111111", minor_number="1")
-MIG_A = "MIG-aaaaaaaa-aaaa-aaaa-aaaa-aaaaaaaaaaaa"  # a MIG device of GPU 1 (as NVML would tell)
 
 
 def slurm(job: str, **labels: str) -> Workload:
@@ -153,42 +150,11 @@ def test_the_same_job_from_two_sources_is_one_series() -> None:
 
 
 # -- Kubernetes ----------------------------------------------------------------------------------------
-class Lister(api_pb2_grpc.PodResourcesListerServicer):
-    def __init__(self) -> None:
-        self.delay = 0.0
-        self.calls = 0
-
-    def List(self, request: api_pb2.ListPodResourcesRequest, context: grpc.ServicerContext,
-             ) -> api_pb2.ListPodResourcesResponse:
-        self.calls += 1
-        time.sleep(self.delay)
-
-        def container(name: str, resource: str, *ids: str) -> api_pb2.ContainerResources:
-            return api_pb2.ContainerResources(name=name, devices=[
-                api_pb2.ContainerDevices(resource_name=resource, device_ids=list(ids))])
-
-        return api_pb2.ListPodResourcesResponse(pod_resources=[
-            api_pb2.PodResources(name="train-0", namespace="ml", containers=[
-                container("trainer", "nvidia.com/gpu", GPU0.uuid)]),
-            api_pb2.PodResources(name="infer-7", namespace="web", containers=[
-                container("server", "nvidia.com/gpu", "nvidia1")]),
-            api_pb2.PodResources(name="notebook", namespace="lab", containers=[
-                container("jupyter", "nvidia.com/mig-1g.10gb", MIG_A)]),
-            api_pb2.PodResources(name="nic", namespace="net", containers=[
-                container("c", "example.com/sriov", "0")]),  # not a GPU resource
-        ])
-
-
 @pytest.fixture
 def kubelet(tmp_path: Path):
     path = tmp_path / "kubelet.sock"
-    lister = Lister()
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
-    api_pb2_grpc.add_PodResourcesListerServicer_to_server(lister, server)
-    server.add_insecure_port(f"unix://{path}")
-    server.start()
-    yield path, lister
-    server.stop(grace=None)
+    with serving(path) as lister:
+        yield path, lister
 
 
 def pod(ns: str, name: str, container: str) -> Workload:

@@ -13,6 +13,7 @@ import jsonschema
 
 from tests.conftest import require_tool, wait_for
 from tests.fakenvml.scenario import REPO, FakeNvml, h100_node
+from tests.kubelet_stub import serving
 
 SERIES = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*(?:\{.*\})?) \S+$")
 
@@ -103,3 +104,24 @@ def test_diagnose_prints_and_reports_each_gpus_workloads(fake: FakeNvml, tmp_pat
     assert doc["gpus"][1]["workloads"] == [{"workload_id": "88", "source": "slurm", "labels": {
         "slurm_account": "phys", "slurm_partition": "gpu", "slurm_user": "alice"}}]
     assert doc["gpus"][2]["workloads"] == []
+
+
+def test_kubelet_pods_on_the_exporters_page(fake: FakeNvml, start_exporter, tmp_path: Path) -> None:
+    """The exporter over the fake driver asks an in-test kubelet: GPU 0 by UUID, GPU 1 as nvidia1 (its
+    minor number); the MIG device matches no GPU (the fake has no MIG), which is not an error."""
+    sock = tmp_path / "kubelet.sock"
+    with serving(sock, gpu0=fake.state["gpu.0.uuid"]) as lister:
+        exp = start_exporter(fake, "--no-xid.journal", f"--collect.workload.kubelet-socket={sock}",
+                             "--collect.workload.interval=100ms", "--collect.min-interval=10ms", wait_ready=True)
+        uuid0, uuid1 = fake.state["gpu.0.uuid"], fake.state["gpu.1.uuid"]
+        want = {f'nvidia_gpu_workload_info{{gpu="0",uuid="{uuid0}",workload_id="ml/train-0",source="kubelet",'
+                'k8s_namespace="ml",k8s_pod="train-0",k8s_container="trainer"}',
+                f'nvidia_gpu_workload_info{{gpu="1",uuid="{uuid1}",workload_id="web/infer-7",source="kubelet",'
+                'k8s_namespace="web",k8s_pod="infer-7",k8s_container="server"}'}
+        page = str(wait_for(lambda: (p := exp.metrics()) and workload_series(p) == want and p))
+        assert 'nvml_exporter_workload_refresh_errors_total{source="kubelet"} 0' in page
+        lister.delay = 5.0  # a kubelet that hangs: the scrape does not wait, the failure is counted
+        wait_for(lambda: 'nvml_exporter_workload_refresh_errors_total{source="kubelet"} 0' not in exp.metrics(),
+                 timeout=20)
+        assert workload_series(exp.metrics()) == want  # the last good reading
+        lister.delay = 0.0
