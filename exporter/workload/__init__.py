@@ -87,7 +87,7 @@ class Tracker:
         self._readings: dict[str, Reading] = {}
         self._parents: dict[str, str] = {}
         self._generation = 0
-        self._cache: dict[str, tuple[int, dict[tuple[str, ...], float], tuple[Workload, ...]]] = {}
+        self._cache: dict[tuple[str, int, str], tuple[int, dict[tuple[str, ...], float], tuple[Workload, ...]]] = {}
         self._dropped_now: dict[str, frozenset[Workload]] = {}
         self.dropped = 0
         self.errors: Counter[str] = Counter({s.name: 0 for s in self.sources})
@@ -166,8 +166,9 @@ class Tracker:
         return self._resolved(identity)[1]
 
     def _resolved(self, identity: GpuIdentity) -> tuple[dict[tuple[str, ...], float], tuple[Workload, ...]]:
+        gpu = (identity.uuid, identity.index, identity.minor_number)  # (a GPU re-enumerated may change index)
         with self._lock:
-            kept = self._cache.get(identity.uuid)
+            kept = self._cache.get(gpu)
             if kept is not None and kept[0] == self._generation:
                 return kept[1], kept[2]
             generation, readings, parents = self._generation, dict(self._readings), self._parents
@@ -193,7 +194,7 @@ class Tracker:
                             extra={"uuid": identity.uuid, "cap": self._cap,
                                    "dropped": sorted(w.workload_id for w in new)})
             self._dropped_now[identity.uuid] = dropped
-            self._cache[identity.uuid] = (generation, series, kept_w)
+            self._cache[gpu] = (generation, series, kept_w)
         return series, kept_w
 
     def errors_total(self) -> dict[str, int]:
