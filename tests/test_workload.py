@@ -13,7 +13,8 @@ from nvml_exporter.nvml import Process
 from nvml_exporter.snapshot import GpuIdentity
 from nvml_exporter.workload import CAP, SourceError, Tracker, Workload, device_key
 from nvml_exporter.workload.kubelet import Kubelet
-from nvml_exporter.workload.processes import Processes, attribute
+from nvml_exporter.workload.processes import Processes
+from nvml_exporter.workload.procfs import attribute
 from nvml_exporter.workload.slurm import SlurmDir, parse_line
 from tests.kubelet_stub import GPU0_UUID, MIG_A, serving
 

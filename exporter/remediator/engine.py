@@ -14,10 +14,11 @@ import signal
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..workload.procfs import attribute
 from .policy import LOCAL_STEPS, REPEATABLE_STEPS, Policy, Step
 from .store import Audit, Job, Store
 
@@ -30,6 +31,11 @@ SAFE = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
 # namespace/pod. Anything else is left out of the drain reason and the audit.
 WORKLOAD = re.compile(r"^[A-Za-z0-9_.:+/@-]{1,128}$")
 MAX_WORKLOADS = 16
+
+
+def _job_of(pid: int) -> str | None:
+    w = attribute(pid)
+    return w.workload_id if w is not None else None
 
 
 def workloads_of(alert: Mapping[str, Any]) -> tuple[list[str], int]:
@@ -354,14 +360,18 @@ class Engine:
     def _apps_query(self) -> list[str]:
         return [self.policy.command("nvidia_smi"), "--query-compute-apps=pid,gpu_uuid", "--format=csv,noheader"]
 
-    def _gpu_pids(self, uuid: str | None) -> tuple[Outcome, list[int]]:
+    def _gpu_pids(self, uuid: str | None, jobs: Sequence[str] = ()) -> tuple[Outcome, list[int]]:
+        """The compute processes on GPU `uuid` (every GPU if None), and those on other GPUs that /proc
+        names as one of `jobs` (the other ranks of the GPU's jobs: a checkpoint needs all of them)."""
         o = self._run(self._apps_query(), self.policy.timeout("checkpoint_signal"))
         if o.result != "ok":
             return o, []
         pids = []
         for line in o.output.splitlines():
             parts = [x.strip() for x in line.split(",")]
-            if len(parts) >= 2 and parts[0].isdigit() and (uuid is None or parts[1] == uuid):
+            if len(parts) < 2 or not parts[0].isdigit():
+                continue
+            if uuid is None or parts[1] == uuid or (jobs and _job_of(int(parts[0])) in jobs):
                 pids.append(int(parts[0]))
         return o, pids
 
@@ -370,7 +380,7 @@ class Engine:
         sig = signal.Signals(self.policy.checkpoint_signal).name
         if not self.execute:
             return Outcome("dry_run", [query], reason=f"dry run: would send {sig} to the processes on {uuid}")
-        o, pids = self._gpu_pids(uuid)
+        o, pids = self._gpu_pids(uuid, job.alert.get("workloads") or ())
         if o.result != "ok":
             return o
         sent, gone = [], []
