@@ -275,3 +275,30 @@ def test_a_source_bug_is_counted_not_fatal() -> None:
     tracker = Tracker([source])
     assert not tracker.refresh(source)
     assert tracker.errors_total() == {"slurm": 1}
+
+
+def test_mig_devices_are_the_gpu_they_are_on() -> None:
+    """New MIG UUIDs through NVML's answer (mig_parents), old ones (drivers before R470) by their name."""
+    source = Fixed({f"uuid:MIG-{GPU1.uuid}/1/0": [slurm("1")], f"uuid:{MIG_A}": [slurm("2")],
+                    "uuid:MIG-bbbbbbbb-bbbb-bbbb-bbbb-bbbbbbbbbbbb": [slurm("3")]})  # on no GPU NVML knows
+    asked = []
+    tracker = Tracker([source], mig_parents=lambda: asked.append(1) or {MIG_A: GPU1.uuid})
+    assert tracker.refresh(source)
+    assert tracker.workloads(GPU1) == (slurm("1"), slurm("2"))
+    assert tracker.workloads(GPU0) == ()
+    assert asked == [1]  # NVML asked in the source's thread, once per reading, not per scrape
+    tracker.workloads(GPU1)
+    assert asked == [1]
+
+
+def test_mig_lookup_failure_is_counted() -> None:
+    from nvml_exporter.nvml import NvmlError
+
+    def broken() -> dict[str, str]:
+        raise NvmlError("nvmlDeviceGetMaxMigDeviceCount", 999)
+
+    source = Fixed({f"uuid:{MIG_A}": [slurm("2")]})
+    tracker = Tracker([source], mig_parents=broken)
+    assert not tracker.refresh(source)
+    assert tracker.errors_total() == {"slurm": 1}
+    assert tracker.workloads(GPU1) == ()
