@@ -116,28 +116,19 @@ class Tracker:
         try:
             reading = source.read()
         except SourceError as e:
-            with self._lock:
-                self.errors[source.name] += 1
-                repeated = self._last_error.get(source.name) == str(e)
-                self._last_error[source.name] = str(e)
-            # Once per new error, not once a second while a file stays unreadable.
-            log.log(logging.DEBUG if repeated else logging.WARNING, "workload source failed",
-                    extra={"source": source.name, "error": str(e)})
+            self._failed(source, str(e))
             reading, ok = e.reading, False
-        except Exception:  # a bug in a source must not end its thread: counted and logged with its trace
-            with self._lock:
-                self.errors[source.name] += 1
-            log.exception("workload source failed", extra={"source": source.name})
+        except Exception as e:  # a bug in a source must not end its thread: counted and logged with its trace
+            self._failed(source, f"{type(e).__name__}: {e}", trace=True)
             return False
         if ok:
-            self._last_error.pop(source.name, None)
+            with self._lock:
+                self._last_error.pop(source.name, None)
         if reading is not None and any(k.startswith("uuid:MIG-") and not _OLD_MIG.match(k[5:]) for k in reading):
             try:
                 parents = dict(self._mig_parents())  # NVML calls: here in the source's thread, not the scrape's
             except Exception as e:  # NvmlError and the like: the MIG devices stay unmatched until next time
-                with self._lock:
-                    self.errors[source.name] += 1
-                log.warning("cannot list MIG devices", extra={"source": source.name, "error": str(e)})
+                self._failed(source, f"cannot list MIG devices: {e}")
                 ok = False
             else:
                 with self._lock:
@@ -150,6 +141,15 @@ class Tracker:
                     self._readings[source.name] = reading
                     self._generation += 1
         return ok
+
+    def _failed(self, source: Source, error: str, trace: bool = False) -> None:
+        with self._lock:
+            self.errors[source.name] += 1
+            repeated = self._last_error.get(source.name) == error
+            self._last_error[source.name] = error
+        # Once per new error, not once a second while a file stays unreadable or the kubelet is down.
+        log.log(logging.DEBUG if repeated else logging.WARNING, "workload source failed",
+                extra={"source": source.name, "error": error}, exc_info=trace and not repeated)
 
     def refresh_all(self) -> None:
         """Read every source once, in this thread (for `nvml-exporter diagnose`)."""

@@ -49,9 +49,12 @@ class Kubelet:
 
     def _connect(self) -> None:
         # grpcio is imported here, so that a node without Kubernetes needs none of it.
-        import grpc
+        try:
+            import grpc
 
-        from .podresources import api_pb2, api_pb2_grpc
+            from .podresources import api_pb2, api_pb2_grpc
+        except ImportError as e:  # (Debian: python3-grpcio and python3-protobuf, which the package recommends)
+            raise SourceError(f"the kubelet source needs grpcio and protobuf: {e}") from None
 
         self._grpc, self._request = grpc, api_pb2.ListPodResourcesRequest()
         self._channel = grpc.insecure_channel(f"unix://{os.path.abspath(self.path)}")
