@@ -125,3 +125,17 @@ def test_kubelet_pods_on_the_exporters_page(fake: FakeNvml, start_exporter, tmp_
                  timeout=20)
         assert workload_series(exp.metrics()) == want  # the last good reading
         lister.delay = 0.0
+
+
+def test_bad_workload_interval_exits_2() -> None:
+    def run(*argv: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "nvml_exporter", *argv], capture_output=True, text=True,
+                              timeout=30)
+
+    r = run("--collect.workload.interval=0s")
+    assert (r.returncode, r.stderr) == (2, "nvml-exporter: error: argument --collect.workload.interval: "
+                                           "duration must be positive, got '0s'\n")
+    r = run("diagnose", "--collect.workload.interval=soon")  # (diagnose's parser prints its usage first)
+    assert r.returncode == 2 and r.stderr.splitlines()[-1] == (
+        "nvml-exporter diagnose: error: argument --collect.workload.interval: invalid duration 'soon' "
+        "(want e.g. 5s, 500ms, 1m)")
