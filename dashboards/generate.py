@@ -122,6 +122,9 @@ def node() -> dict:
     panels = [
         row("Health"),
         panel("table", "GPUs", [(f"nvidia_gpu_info{{{s}}}", "")], w=24, h=6),
+        panel("table", "Workloads on each GPU", [(f"nvidia_gpu_workload_info{{{s}}}", "")], w=24, h=6,
+              description="Slurm jobs and pods on each GPU, with --collect.workload.* (docs/workloads.md); "
+                          "empty without a workload source."),
         panel("timeseries", "Up", [(f"nvidia_gpu_up{{{s}}}", "GPU {{gpu}}")], w=8),
         panel("timeseries", "Health by check (0 ok, 1 warning, 2 critical)",
               [(f"nvidia_gpu_health{{{s}}}", "GPU {{gpu}} {{check}}")], w=8),
@@ -228,6 +231,11 @@ def node() -> dict:
                (f"time() - nvml_exporter_last_collect_timestamp_seconds{{{NODE}}}", "seconds since collection"),
                (f"nvml_exporter_build_info{{{NODE}}}", "{{version}}"),
                (f"sum(nvml_exporter_invalid_readings_total{{{NODE}}}) or vector(0)", "invalid readings")], w=6),
+        panel("timeseries", "Workload sources: failed reads and dropped workloads",
+              [(f"increase(nvml_exporter_workload_refresh_errors_total{{{NODE}}}[$__rate_interval])",
+                "{{instance}} {{source}} failed"),
+               (f"increase(nvml_exporter_workloads_dropped_total{{{NODE}}}[$__rate_interval])",
+                "{{instance}} dropped (over 16 on a GPU)")], w=12),
     ]
     variables = [datasource_var(), query_var("instance", "label_values(nvidia_gpu_up, instance)", "Node"),
                  query_var("gpu", 'label_values(nvidia_gpu_up{instance=~"$instance"}, gpu)', "GPU")]

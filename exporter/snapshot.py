@@ -57,6 +57,8 @@ class ExporterState:
     last_collect_timestamp: float = 0.0
     journal_up: bool | None = None  # None until the journal has been tried
     sxids: Mapping[tuple[str, str], int] = field(default_factory=dict)  # (NVSwitch PCI, SXid) -> count
+    workloads_dropped: int | None = None  # None while no workload source is configured
+    workload_errors: Mapping[str, int] = field(default_factory=dict)  # source -> failed reads
 
 
 @dataclass(frozen=True)

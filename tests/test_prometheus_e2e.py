@@ -27,6 +27,9 @@ VARIABLES = {"$instance": ".*", "$gpu": ".*", "$__rate_interval": "30s", "${data
 
 @pytest.fixture
 def prometheus(tmp_path: Path, fake: FakeNvml, start_exporter) -> Iterator[Api]:
+    jobs = tmp_path / "slurm"  # a Slurm job on GPU 1, for the dashboard's workload table
+    jobs.mkdir()
+    (jobs / fake.state["gpu.1.uuid"]).write_text("4242 user=alice\n")
     # The kernel journal holds an Xid 79 of GPU 1 from two hours ago (so the one injected below is that
     # GPU's second incident, for the time-between-incidents panels) and an NVSwitch SXid.
     journal = write_journal(tmp_path / "kernel.journal", [
@@ -34,7 +37,8 @@ def prometheus(tmp_path: Path, fake: FakeNvml, start_exporter) -> Iterator[Api]:
         (time.time() - 7200, "nvidia-nvswitch0: SXid (PCI:0000:c3:00.0): 20009, Non-fatal, Link 28 RX Short Error"),
     ])
     exp = start_exporter(fake, "--collect.min-interval=100ms", f"--xid.journal-path={journal}",
-                         f"--history.path={tmp_path / 'history.sqlite'}", wait_ready=True)
+                         f"--history.path={tmp_path / 'history.sqlite'}",
+                         f"--collect.workload.slurm-dir={jobs}", wait_ready=True)
     with promstack.prometheus(tmp_path, exp.port) as prom:
         yield prom
 
