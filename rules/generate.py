@@ -100,9 +100,9 @@ def q(s: str) -> str:
 
 
 def alert_groups(o: Options) -> list[Group]:
-    c = o.cluster
     drain_reset = "|".join(str(x) for x in tier_codes("reset") if CATALOG[x].action == "drain_and_reset")
     documented = "|".join(str(x) for x, v in sorted(CATALOG.items()) if v.tier != "unexpected")
+    nvml_errors = "error!~" + q("not_supported|function_not_found|gpu_is_lost")  # not faults of the node
     rule_group = 'rule_group=~".*;nvml-exporter-.*"'
     vm_group = 'group=~"nvml-exporter-.*"'
     return [
@@ -142,7 +142,7 @@ def alert_groups(o: Options) -> list[Group]:
                   "in 10 minutes; a wedged driver call usually needs a GPU reset."),
             Alert("NvmlCallsFailing",
                   f"sum by {o.by('job', 'instance', 'function', 'error')} (increase("
-                  f"{o.m('nvml_exporter_nvml_errors_total', 'error!~' + q('not_supported|function_not_found|gpu_is_lost'))}"
+                  f"{o.m('nvml_exporter_nvml_errors_total', nvml_errors)}"
                   "[15m])) > 0",
                   "warning", "none", "NVML calls fail on a node.",
                   "{{ $labels.function }} failed with {{ $labels.error }} {{ $value }} times in 15 minutes on "
@@ -152,7 +152,8 @@ def alert_groups(o: Options) -> list[Group]:
             Alert("GpuXidResetRequired",
                   f"time() - {o.m('nvidia_gpu_xid_last_timestamp_seconds', 'xid=~' + q(codes('reset')))} < 600",
                   "critical",
-                  f'{{{{ if match "^({drain_reset})$" $labels.xid }}}}drain_and_reset{{{{ else }}}}reset_gpu{{{{ end }}}}',
+                  f'{{{{ if match "^({drain_reset})$" $labels.xid }}}}drain_and_reset'
+                  "{{ else }}reset_gpu{{ end }}",
                   "A GPU logged an Xid that requires a GPU reset.",
                   on_gpu("logged Xid {{ $labels.xid }}: the GPU must be reset before it runs work again "
                          "(see docs/xid-catalog.md).")),
