@@ -77,7 +77,6 @@ class Group:
     name: str
     interval: str
     rules: list[Alert | Record] = field(default_factory=list)
-    comment: str = ""
 
 
 def codes(*tiers: str) -> str:
@@ -320,8 +319,6 @@ def record_groups(o: Options) -> list[Group]:
             Record("instance:nvidia_gpus_up:sum", f"sum by {o.by('job', 'instance')} ({up})"),
             Record("instance:nvidia_gpus_lost:sum",
                    f"count by {o.by('job', 'instance')} ({up}) - sum by {o.by('job', 'instance')} ({up})"),
-            Record("instance:nvml_exporter_nvml_up:max",
-                   f"max by {o.by('job', 'instance')} ({o.m('nvml_exporter_nvml_up')})"),
             Record("model:nvidia_gpus:count", f"count by {o.by('name')} ({info})"),
             Record("model:nvidia_gpus_up:sum",
                    f"sum by {o.by('name')} ({up} * on {o.by('job', 'instance', 'gpu', 'uuid')} group_left (name) "
@@ -333,7 +330,12 @@ def record_groups(o: Options) -> list[Group]:
             Record("fleet:nvidia_gpus:count", f"count by {o.by()} ({up})"),
             Record("fleet:nvidia_gpus_up:sum", f"sum by {o.by()} ({up})"),
         ]),
-        Group("nvml-exporter-reliability-slices", "5m", [
+        # Slow rollups: the exporters seen, Xids of the last hour by catalog category, and the 5-minute
+        # slices the reliability group sums.
+        Group("nvml-exporter-fleet-5m", "5m", [
+            # which targets are the exporter's (NvmlExporterDown reads a day of it: 288 samples a node)
+            Record("instance:nvml_exporter_nvml_up:max",
+                   f"max by {o.by('job', 'instance')} ({o.m('nvml_exporter_nvml_up')})"),
             Record("nvml_exporter:reliability_job_gpus:param", f"vector({JOB_GPUS})"),
             Record("nvml_exporter:reliability_job_hours:param", f"vector({JOB_HOURS})"),
             Record("nvml_exporter:reliability_checkpoint_hours:param", f"vector({CHECKPOINT_HOURS})"),
@@ -343,7 +345,9 @@ def record_groups(o: Options) -> list[Group]:
             Record("category:nvidia_gpu_xids:increase1h",
                    f"sum by {o.by('category')} (\n  "
                    + "\n  or ".join(by_category(cat) for cat in CATEGORIES) + "\n)\n"),
-        ], "Xids of the last hour by catalog category, and the 5-minute slices the reliability group sums."),
+        ]),
+        # Each figure from the slices of the group above, never from a record of its own group: windows of
+        # days over one series per cluster, whatever the fleet's size.
         Group("nvml-exporter-reliability", "5m", [
             Record("fleet:nvidia_gpu_fault_rate_per_gpu_hour:7d", f"{f7} / {h7}"),
             Record("fleet:nvidia_gpu_fault_rate_per_gpu_hour:30d", f"{f30} / {h30}"),
@@ -353,8 +357,7 @@ def record_groups(o: Options) -> list[Group]:
                    f"1 - exp(-({f7} / {h7}) * {JOB_GPUS} * {JOB_HOURS})"),
             Record("fleet:nvidia_job_checkpoint_interval_hours:7d",
                    f"sqrt(2 * {CHECKPOINT_HOURS} * {h7} / ({f7} * {JOB_GPUS}))"),
-        ], "Each figure from the slices of the group above, never from a record of this group: windows "
-           "of days over one series per cluster, whatever the fleet's size."),
+        ]),
     ]
 
 

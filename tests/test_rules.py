@@ -139,7 +139,7 @@ def test_structure_for_distributed_rulers(pack: tuple[dict[str, Any], Path]) -> 
     by_group = {g["name"]: {r.get("record") for r in g["rules"]} for g in groups}
     figures = next(g for g in groups if g["name"] == "nvml-exporter-reliability")
     for r in figures["rules"]:
-        assert dependencies(r["expr"], by_group["nvml-exporter-reliability-slices"]), r["record"]
+        assert dependencies(r["expr"], by_group["nvml-exporter-fleet-5m"]), r["record"]
     if "selector" in options:  # every selector of an exporter family carries the configured matchers
         for g in groups:
             for r in g["rules"]:
