@@ -236,3 +236,15 @@ def test_xid_categories_come_from_the_catalog() -> None:
             assert by_category[category] == {c for c, x in CATALOG.items() if x.category == category}, category
     rest = {int(c) for c in re.search(r'xid!~"([0-9|]+)"', rule).group(1).split("|")}
     assert rest == {c for c, x in CATALOG.items() if x.category != "hardware"}
+
+
+def test_docs_list_every_alert_and_group() -> None:
+    doc = (REPO / "docs" / "alerts.md").read_text()
+    listed = set(re.findall(r"^\| (\w+) \| (?:critical|warning|info) \|", doc, re.M))
+    assert listed == set(BY_NAME)
+    table = re.findall(r"^\| `(nvml-exporter-[\w-]+)` \| (\w+) \| (\d+) \|", doc, re.M)
+    groups = {name: (interval, int(count)) for name, interval, count in table}
+    pack = {g["name"]: (g["interval"], len(g["rules"]))
+            for name in ("nvml-exporter-alerts.yml", "nvml-exporter-records.yml")
+            for g in yaml.safe_load((RULES / name).read_text())["groups"]}
+    assert groups == pack
