@@ -45,6 +45,9 @@ class Options:
     runbook_url: str = RUNBOOK_URL
     thanos: bool = False
     test_timing: bool = False  # for end-to-end tests: every group interval 1-2 s, every `for` in seconds
+    job_gpus: int = JOB_GPUS
+    job_hours: float = JOB_HOURS
+    checkpoint_hours: float = CHECKPOINT_HOURS
 
     def m(self, name: str, matchers: str = "") -> str:
         """A selector of an exporter family: the configured matchers, then the rule's own."""
@@ -336,9 +339,9 @@ def record_groups(o: Options) -> list[Group]:
             # which targets are the exporter's (NvmlExporterDown reads a day of it: 288 samples a node)
             Record("instance:nvml_exporter_nvml_up:max",
                    f"max by {o.by('job', 'instance')} ({o.m('nvml_exporter_nvml_up')})"),
-            Record("nvml_exporter:reliability_job_gpus:param", f"vector({JOB_GPUS})"),
-            Record("nvml_exporter:reliability_job_hours:param", f"vector({JOB_HOURS})"),
-            Record("nvml_exporter:reliability_checkpoint_hours:param", f"vector({CHECKPOINT_HOURS})"),
+            Record("nvml_exporter:reliability_job_gpus:param", f"vector({o.job_gpus})"),
+            Record("nvml_exporter:reliability_job_hours:param", f"vector({o.job_hours:g})"),
+            Record("nvml_exporter:reliability_checkpoint_hours:param", f"vector({o.checkpoint_hours:g})"),
             Record("fleet:nvidia_gpu_critical_faults:increase5m",
                    f"sum by {o.by()} (increase({crit}[5m]))\nor\ncount by {o.by()} ({up}) * 0\n"),
             Record("fleet:nvidia_gpu_hours:5m", f"count by {o.by()} ({up}) * 5 / 60"),
@@ -354,9 +357,9 @@ def record_groups(o: Options) -> list[Group]:
             Record("fleet:nvidia_gpu_mtbf_hours:7d", f"{h7} / {f7}"),
             Record("fleet:nvidia_gpu_mtbf_hours:30d", f"{h30} / {f30}"),
             Record("fleet:nvidia_job_failure_probability:7d",
-                   f"1 - exp(-({f7} / {h7}) * {JOB_GPUS} * {JOB_HOURS})"),
+                   f"1 - exp(-({f7} / {h7}) * {o.job_gpus} * {o.job_hours:g})"),
             Record("fleet:nvidia_job_checkpoint_interval_hours:7d",
-                   f"sqrt(2 * {CHECKPOINT_HOURS} * {h7} / ({f7} * {JOB_GPUS}))"),
+                   f"sqrt(2 * {o.checkpoint_hours:g} * {h7} / ({f7} * {o.job_gpus}))"),
         ]),
     ]
 
@@ -400,28 +403,31 @@ def render_group(g: Group, o: Options) -> dict:
     return out
 
 
-HEADERS = {
-    "alerts": "# nvml-exporter alerting rules. Every alert carries severity (critical|warning|info), action (what to\n"
-              "# do, routable to the remediator) and a runbook (docs/runbooks/<alertname>.md). Tests: rules/tests/.\n",
-    "records": "# nvml-exporter recording rules: fleet rollups and the reliability model (docs/alerts.md).\n"
-               f"# Reliability: lambda = critical faults per GPU-hour (Xids of tiers {', '.join(CRITICAL_TIERS)});\n"
-               f"# a job of N = {JOB_GPUS} GPUs running T = {JOB_HOURS} h fails with P = 1 - exp(-lambda*N*T) and\n"
-               f"# checkpoints best every sqrt(2*C*MTBF_job) h (Young/Daly), MTBF_job = 1/(lambda*N), C = "
-               f"{CHECKPOINT_HOURS} h.\n",
-}
+def header(kind: str, o: Options) -> str:
+    if kind == "alerts":
+        return ("# nvml-exporter alerting rules. Every alert carries severity (critical|warning|info), action\n"
+                "# (what to do, routable to the remediator) and a runbook (docs/runbooks/<alertname>.md).\n"
+                "# Tests: rules/tests/.\n")
+    return ("# nvml-exporter recording rules: fleet rollups and the reliability model (docs/alerts.md).\n"
+            f"# Reliability: lambda = critical faults per GPU-hour (Xids of tiers {', '.join(CRITICAL_TIERS)});\n"
+            f"# a job of N = {o.job_gpus} GPUs running T = {o.job_hours:g} h fails with P = 1 - exp(-lambda*N*T) and\n"
+            f"# checkpoints best every sqrt(2*C*MTBF_job) h (Young/Daly), MTBF_job = 1/(lambda*N), C = "
+            f"{o.checkpoint_hours:g} h.\n")
 
 
 def render(o: Options) -> dict[str, str]:
     """File name -> YAML text of the pack for these options."""
     opts = (f"--cluster-label={o.cluster} --selector='{o.selector}'" + (" --thanos" if o.thanos else "")
-            + (" --test-timing" if o.test_timing else ""))
+            + (" --test-timing" if o.test_timing else "")
+            + (f" --job-gpus={o.job_gpus} --job-hours={o.job_hours:g} --checkpoint-hours={o.checkpoint_hours:g}"
+               if (o.job_gpus, o.job_hours, o.checkpoint_hours) != (JOB_GPUS, JOB_HOURS, CHECKPOINT_HOURS) else ""))
     out = {}
     for kind, groups in (("alerts", alert_groups(o)), ("records", record_groups(o))):
         for g in groups:
             assert len(g.rules) <= MAX_RULES_PER_GROUP, g.name
         body = yaml.dump({"groups": [render_group(g, o) for g in groups]}, Dumper=_Dumper, sort_keys=False,
                          width=1 << 20, allow_unicode=True)
-        out[f"nvml-exporter-{kind}.yml"] = (f"{HEADERS[kind]}# Written by rules/generate.py ({opts}); do not edit.\n"
+        out[f"nvml-exporter-{kind}.yml"] = (f"{header(kind, o)}# Written by rules/generate.py ({opts}); do not edit.\n"
                                             + body)
     return out
 
@@ -450,6 +456,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--test-timing", action="store_true",
                    help="for end-to-end tests: group intervals 1 s (2 s for 5-minute groups), `for` minutes as "
                         "seconds; expressions unchanged")
+    p.add_argument("--job-gpus", type=int, default=JOB_GPUS,
+                   help=f"reliability model: GPUs in a job, N (default: {JOB_GPUS})")
+    p.add_argument("--job-hours", type=float, default=JOB_HOURS,
+                   help=f"reliability model: hours a job runs, T (default: {JOB_HOURS})")
+    p.add_argument("--checkpoint-hours", type=float, default=CHECKPOINT_HOURS,
+                   help=f"reliability model: hours one checkpoint takes, C (default: {CHECKPOINT_HOURS})")
     p.add_argument("--check", action="store_true", help="write nothing; exit 1 if the committed files differ")
     a = p.parse_args(argv)
     if not re.fullmatch(r"[a-zA-Z_][a-zA-Z0-9_]*", a.cluster_label):
@@ -459,7 +471,10 @@ def main(argv: list[str] | None = None) -> int:
     if a.selector and not re.fullmatch(r'\s*[a-zA-Z_]\w*\s*(=|!=|=~|!~)\s*"[^"]*"\s*'
                                        r'(,\s*[a-zA-Z_]\w*\s*(=|!=|=~|!~)\s*"[^"]*"\s*)*', a.selector):
         p.error(f'--selector: not a list of label matchers like job="nvml-exporter": {a.selector!r}')
-    o = Options(a.cluster_label, a.selector.strip(), a.runbook_url, a.thanos, a.test_timing)
+    if a.job_gpus < 1 or a.job_hours <= 0 or a.checkpoint_hours <= 0:
+        p.error("--job-gpus, --job-hours and --checkpoint-hours must be positive")
+    o = Options(a.cluster_label, a.selector.strip(), a.runbook_url, a.thanos, a.test_timing, a.job_gpus, a.job_hours,
+                a.checkpoint_hours)
     if a.out is None:
         if o != Options(thanos=a.thanos):
             p.error("options other than --check need --out: the committed files use the defaults")

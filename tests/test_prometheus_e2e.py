@@ -105,6 +105,13 @@ def test_scenarios_fire_the_same_alerts_on_prometheus_and_victoriametrics(stacks
     for stack in stacks:  # scraped, recorded (vmalert: written back and read again), evaluated many times
         wait_for(lambda s=stack: s.ruler.query("fleet:nvidia_gpus_up:sum == 8")
                  and s.ruler.query("fleet:nvidia_gpu_fault_rate_per_gpu_hour:7d"), timeout=60, interval=0.5)
+    # the ruler alerts have their data: each ruler's own metrics for the pack's groups
+    prom, vm = stacks[0].ruler, stacks[1].ruler
+    wait_for(lambda: prom.query('prometheus_rule_group_interval_seconds{rule_group=~".*;nvml-exporter-gpu"} == 1')
+             and prom.query('prometheus_rule_evaluation_failures_total{rule_group=~".*;nvml-exporter-fleet"}'),
+             timeout=30, interval=0.5)
+    wait_for(lambda: vm.query('vmalert_iteration_missed_total{group="nvml-exporter-gpu"}')
+             and vm.query('vmalert_recording_rules_error{group="nvml-exporter-fleet"}'), timeout=30, interval=0.5)
     expected: frozenset[tuple[str, str]] = frozenset()
     for step in SCENARIO:
         step.inject(fake)
