@@ -296,6 +296,11 @@ def alert_groups(o: Options) -> list[Group]:
     ]
 
 
+def only(record: str, matcher: str, by: str) -> str:
+    """The sum of a count_values record's series with one value, 0 where none has it."""
+    return f"sum by {by} ({record}{{{matcher}}})\nor\nsum by {by} ({record}) * 0\n"
+
+
 def record_groups(o: Options) -> list[Group]:
     up, info = o.m("nvidia_gpu_up"), o.m("nvidia_gpu_info")
     xids = "nvidia_gpu_xid_errors_total"
@@ -317,21 +322,32 @@ def record_groups(o: Options) -> list[Group]:
     f7, h7 = sums("7d")
     f30, h30 = sums("30d")
     return [
+        # Each per-GPU family is read once a pass: count_values keeps the distribution (GPUs up and lost per
+        # node and model, GPUs per check and level), and the rollups below derive everything else from it.
         Group("nvml-exporter-fleet", "1m", [
-            Record("instance:nvidia_gpus:count", f"count by {o.by('job', 'instance')} ({up})"),
-            Record("instance:nvidia_gpus_up:sum", f"sum by {o.by('job', 'instance')} ({up})"),
-            Record("instance:nvidia_gpus_lost:sum",
-                   f"count by {o.by('job', 'instance')} ({up}) - sum by {o.by('job', 'instance')} ({up})"),
-            Record("model:nvidia_gpus:count", f"count by {o.by('name')} ({info})"),
-            Record("model:nvidia_gpus_up:sum",
-                   f"sum by {o.by('name')} ({up} * on {o.by('job', 'instance', 'gpu', 'uuid')} group_left (name) "
-                   f"{info})"),
-            Record("check:nvidia_gpus_warning:count", f"sum by {o.by('check')} ({o.m('nvidia_gpu_health')} == bool 1)"),
-            Record("check:nvidia_gpus_critical:count",
-                   f"sum by {o.by('check')} ({o.m('nvidia_gpu_health')} == bool 2)"),
+            Record("instance_up:nvidia_gpus:count", f'count_values by {o.by("job", "instance")} ("up", {up})'),
+            Record("model_up:nvidia_gpus:count",
+                   f'count_values by {o.by("name")} ("up", {up} * on {o.by("job", "instance", "gpu", "uuid")} '
+                   f"group_left (name) {info})"),
+            Record("check_level:nvidia_gpus:count",
+                   f'count_values by {o.by("check")} ("level", {o.m("nvidia_gpu_health")})'),
             Record("action:nvidia_gpus:count", f"count by {o.by('action')} ({o.m('nvidia_gpu_recommended_action')})"),
-            Record("fleet:nvidia_gpus:count", f"count by {o.by()} ({up})"),
-            Record("fleet:nvidia_gpus_up:sum", f"sum by {o.by()} ({up})"),
+        ]),
+        # From the records of the group above only (a few series a node), never from its own.
+        Group("nvml-exporter-fleet-rollups", "1m", [
+            Record("instance:nvidia_gpus:count", f"sum by {o.by('job', 'instance')} (instance_up:nvidia_gpus:count)"),
+            Record("instance:nvidia_gpus_up:sum",
+                   only("instance_up:nvidia_gpus:count", 'up="1"', o.by("job", "instance"))),
+            Record("instance:nvidia_gpus_lost:sum",
+                   only("instance_up:nvidia_gpus:count", 'up="0"', o.by("job", "instance"))),
+            Record("model:nvidia_gpus:count", f"sum by {o.by('name')} (model_up:nvidia_gpus:count)"),
+            Record("model:nvidia_gpus_up:sum", only("model_up:nvidia_gpus:count", 'up="1"', o.by("name"))),
+            Record("check:nvidia_gpus_warning:count",
+                   only("check_level:nvidia_gpus:count", 'level="1"', o.by("check"))),
+            Record("check:nvidia_gpus_critical:count",
+                   only("check_level:nvidia_gpus:count", 'level="2"', o.by("check"))),
+            Record("fleet:nvidia_gpus:count", f"sum by {o.by()} (instance_up:nvidia_gpus:count)"),
+            Record("fleet:nvidia_gpus_up:sum", only("instance_up:nvidia_gpus:count", 'up="1"', o.by())),
         ]),
         # Slow rollups: the exporters seen, Xids of the last hour by catalog category, and the 5-minute
         # slices the reliability group sums.
@@ -343,8 +359,9 @@ def record_groups(o: Options) -> list[Group]:
             Record("nvml_exporter:reliability_job_hours:param", f"vector({o.job_hours:g})"),
             Record("nvml_exporter:reliability_checkpoint_hours:param", f"vector({o.checkpoint_hours:g})"),
             Record("fleet:nvidia_gpu_critical_faults:increase5m",
-                   f"sum by {o.by()} (increase({crit}[5m]))\nor\ncount by {o.by()} ({up}) * 0\n"),
-            Record("fleet:nvidia_gpu_hours:5m", f"count by {o.by()} ({up}) * 5 / 60"),
+                   f"sum by {o.by()} (increase({crit}[5m]))\n"
+                   f"or\nsum by {o.by()} (instance_up:nvidia_gpus:count) * 0\n"),
+            Record("fleet:nvidia_gpu_hours:5m", f"sum by {o.by()} (instance_up:nvidia_gpus:count) * 5 / 60"),
             Record("category:nvidia_gpu_xids:increase1h",
                    f"sum by {o.by('category')} (\n  "
                    + "\n  or ".join(by_category(cat) for cat in CATEGORIES) + "\n)\n"),

@@ -100,6 +100,11 @@ def received(stack: Stack) -> dict[tuple[str, str], dict[str, str]]:
     return out
 
 
+def annotations(stack: Stack) -> dict[tuple[str, str], dict[str, str]]:
+    return {(a["labels"]["alertname"], a["labels"].get("gpu", "")): a["annotations"]
+            for a in stack.alertmanager.received()}
+
+
 def test_scenarios_fire_the_same_alerts_on_prometheus_and_victoriametrics(stacks: list[Stack],
                                                                           fake: FakeNvml) -> None:
     for stack in stacks:  # scraped, recorded (vmalert: written back and read again), evaluated many times
@@ -126,6 +131,7 @@ def test_scenarios_fire_the_same_alerts_on_prometheus_and_victoriametrics(stacks
             if not step.fires:
                 assert stack.ruler.alerts() == [], (step.name, stack.name)
         assert seen["prometheus"] == seen["victoriametrics"], step.name
+        assert annotations(stacks[0]) == annotations(stacks[1]), step.name  # the templates render alike
         for alertname, gpu, label, value in step.labels:
             assert seen["prometheus"][(alertname, gpu)][label] == value, (step.name, alertname, label)
         if ("GpuXidFellOffBus", "1") in step.fires:

@@ -143,7 +143,9 @@ def test_structure_for_distributed_rulers(pack: tuple[dict[str, Any], Path]) -> 
     if "selector" in options:  # every selector of an exporter family carries the configured matchers
         for g in groups:
             for r in g["rules"]:
-                for sel in re.findall(r"\b((?:nvidia_gpu|nvml_exporter)_\w+|up)(\{[^}]*\})?(?![\w:(])", r["expr"]):
+                # a metric name, not a label name (`{up="1"}`) nor a string (`count_values("up", ...)`)
+                family = r'(?<![\w:"])((?:nvidia_gpu|nvml_exporter)_\w+|up)(\{[^}]*\})?(?![\w:("=])'
+                for sel in re.findall(family, r["expr"]):
                     assert options["selector"] in sel[1], (r.get("record") or r["alert"], sel)
 
 
