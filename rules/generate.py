@@ -322,9 +322,12 @@ def record_groups(o: Options) -> list[Group]:
     f7, h7 = sums("7d")
     f30, h30 = sums("30d")
     return [
-        # Each per-GPU family is read once a pass: count_values keeps the distribution (GPUs up and lost per
-        # node and model, GPUs per check and level), and the rollups below derive everything else from it.
+        # Each per-GPU family is read once a pass (nvidia_gpu_up twice): count_values keeps the distribution
+        # (GPUs up and lost per node and model, GPUs per check and level), the rollups below derive the rest.
         Group("nvml-exporter-fleet", "1m", [
+            # GpuMissing compares this one series a node over 6 h: a count in one piece, which a sum over the
+            # count_values series below is not while a new one is still being written (vmalert, remote rulers)
+            Record("instance:nvidia_gpus:count", f"count by {o.by('job', 'instance')} ({up})"),
             Record("instance_up:nvidia_gpus:count", f'count_values by {o.by("job", "instance")} ("up", {up})'),
             Record("model_up:nvidia_gpus:count",
                    f'count_values by {o.by("name")} ("up", {up} * on {o.by("job", "instance", "gpu", "uuid")} '
@@ -335,7 +338,6 @@ def record_groups(o: Options) -> list[Group]:
         ]),
         # From the records of the group above only (a few series a node), never from its own.
         Group("nvml-exporter-fleet-rollups", "1m", [
-            Record("instance:nvidia_gpus:count", f"sum by {o.by('job', 'instance')} (instance_up:nvidia_gpus:count)"),
             Record("instance:nvidia_gpus_up:sum",
                    only("instance_up:nvidia_gpus:count", 'up="1"', o.by("job", "instance"))),
             Record("instance:nvidia_gpus_lost:sum",
@@ -346,7 +348,7 @@ def record_groups(o: Options) -> list[Group]:
                    only("check_level:nvidia_gpus:count", 'level="1"', o.by("check"))),
             Record("check:nvidia_gpus_critical:count",
                    only("check_level:nvidia_gpus:count", 'level="2"', o.by("check"))),
-            Record("fleet:nvidia_gpus:count", f"sum by {o.by()} (instance_up:nvidia_gpus:count)"),
+            Record("fleet:nvidia_gpus:count", f"sum by {o.by()} (instance:nvidia_gpus:count)"),
             Record("fleet:nvidia_gpus_up:sum", only("instance_up:nvidia_gpus:count", 'up="1"', o.by())),
         ]),
         # Slow rollups: the exporters seen, Xids of the last hour by catalog category, and the 5-minute
