@@ -362,8 +362,8 @@ def record_groups(o: Options) -> list[Group]:
             Record("nvml_exporter:reliability_checkpoint_hours:param", f"vector({o.checkpoint_hours:g})"),
             Record("fleet:nvidia_gpu_critical_faults:increase5m",
                    f"sum by {o.by()} (increase({crit}[5m]))\n"
-                   f"or\nsum by {o.by()} (instance_up:nvidia_gpus:count) * 0\n"),
-            Record("fleet:nvidia_gpu_hours:5m", f"sum by {o.by()} (instance_up:nvidia_gpus:count) * 5 / 60"),
+                   f"or\nsum by {o.by()} (instance:nvidia_gpus:count) * 0\n"),
+            Record("fleet:nvidia_gpu_hours:5m", f"sum by {o.by()} (instance:nvidia_gpus:count) * 5 / 60"),
             Record("category:nvidia_gpu_xids:increase1h",
                    f"sum by {o.by('category')} (\n  "
                    + "\n  or ".join(by_category(cat) for cat in CATEGORIES) + "\n)\n"),
