@@ -83,6 +83,7 @@ def test_package_metadata_and_files(deb: Path) -> None:
                  "./usr/share/prometheus-nvml-exporter/pynvml.py",
                  "./usr/share/prometheus-nvml-exporter/nvml_exporter/httpd/server.py",
                  "./usr/share/prometheus-nvml-exporter/rules/nvml-exporter-alerts.yml",
+                 "./usr/share/prometheus-nvml-exporter/rules/thanos/nvml-exporter-alerts.yml",
                  "./usr/share/prometheus-nvml-exporter/dashboards/nvml-exporter-node.json",
                  "./usr/share/doc/prometheus-nvml-exporter/docs/runbooks/GpuLost.md",
                  "./usr/share/man/man1/nvml-exporter.1.gz", "./usr/share/man/man1/nvml-remediator.1.gz",
