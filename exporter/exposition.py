@@ -125,7 +125,9 @@ def _exporter_samples(metric: Metric, snap: Snapshot, build: BuildInfo) -> Itera
         case "nvml_exporter_last_collect_timestamp_seconds":
             series = [((), s.last_collect_timestamp)] if s.last_collect_timestamp else []
         case "nvidia_nvswitch_sxid_errors_total":
-            series = [(key, float(n)) for key, n in sorted(s.sxids.items())]
+            series = [(key, float(n)) for key, (n, _) in sorted(s.sxids.items())]
+        case "nvidia_nvswitch_sxid_last_timestamp_seconds":  # alerts on recency: a count seen at start is old
+            series = [(key, last) for key, (_, last) in sorted(s.sxids.items()) if last]
         case _:
             raise KeyError(metric.name)
     for labels, v in series:

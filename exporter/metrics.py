@@ -198,6 +198,9 @@ EXPORTER_METRICS: tuple[Metric, ...] = (
     Metric("nvidia_nvswitch_sxid_errors_total", COUNTER,
            "NVSwitch SXid errors this boot, per NVSwitch (its PCI address), from the kernel journal.",
            ("pci", "sxid"), "kernel journal nvidia-nvswitchN: SXid lines", per_gpu=False, budget=0),
+    Metric("nvidia_nvswitch_sxid_last_timestamp_seconds", GAUGE,
+           "Unix time of the last SXid of this code on this NVSwitch (from the journal line's time).",
+           ("pci", "sxid"), "kernel journal nvidia-nvswitchN: SXid lines", per_gpu=False, valid=NON_NEGATIVE, budget=0),
 )
 
 ALL_METRICS: tuple[Metric, ...] = GPU_METRICS + EXPORTER_METRICS

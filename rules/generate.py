@@ -184,6 +184,32 @@ def alert_groups(o: Options) -> list[Group]:
                   on_gpu("logged Xid {{ $labels.xid }} {{ $value }} times in 24 hours; repeats on one GPU point at "
                          "hardware: run DCGM diagnostics, then field diagnostics.")),
         ]),
+        # The persistent incident history (docs/diagnosis.md): the exporter escalates when the cheaper remedy
+        # did not help; these read its verdict, so a 10,000-GPU fleet costs two sparse selectors.
+        Group("nvml-exporter-history", "1m", [
+            Alert("GpuEscalatedToRma",
+                  f'{o.m("nvidia_gpu_recommended_action", "action=" + q("rma_eval"))} == 1\n'
+                  f'and on {o.by("job", "instance", "gpu", "uuid")} '
+                  f'{o.m("nvidia_gpu_health", "check=" + q("history"))} == 2',
+                  "critical", "rma_eval", "A fatal Xid keeps coming back after resets or reboots.",
+                  on_gpu("had the same fatal Xid return after its resets or reboots (nvml-exporter history): stop "
+                         "resetting it and evaluate an RMA."), "5m"),
+            Alert("GpuNodeIncidentsContactSupport",
+                  f'max by {o.by("job", "instance")} (\n'
+                  f'  {o.m("nvidia_gpu_recommended_action", "action=" + q("contact_support"))} == 1\n'
+                  f'  and on {o.by("job", "instance", "gpu", "uuid")} '
+                  f'{o.m("nvidia_gpu_health", "check=" + q("history"))} == 2\n)',
+                  "critical", "contact_support", "A node had five or more GPU incidents in 7 days.",
+                  "{{ $labels.instance }} had five or more fatal GPU incidents in 7 days (nvml-exporter history): "
+                  "take it out of service and open a support case.", "5m"),
+            # recency, as the Xid alerts: a count the journal backfill finds at start is old news, and
+            # increase() over a series that starts above 0 differs between Prometheus and VictoriaMetrics
+            Alert("NvswitchSxidErrors",
+                  f'time() - {o.m("nvidia_nvswitch_sxid_last_timestamp_seconds")} < 900',
+                  "warning", "check_nvlink", "An NVSwitch logged SXid errors.",
+                  "NVSwitch {{ $labels.pci }} on {{ $labels.instance }} logged SXid {{ $labels.sxid }} "
+                  "{{ $value | humanizeDuration }} ago: check the fabric (nvidia-smi nvlink, fabric manager logs)."),
+        ]),
         Group("nvml-exporter-memory", "1m", [
             Alert("GpuUncorrectableEccErrors",
                   f'{o.m("nvidia_gpu_ecc_errors_total", "type=" + q("uncorrected") + ",scope=" + q("volatile"))} > 0',
@@ -400,6 +426,20 @@ def scaled(duration: str, o: Options) -> str:
     return re.sub(r"^(\d+)m$", r"\1s", duration) if o.test_timing else duration
 
 
+def workloads_annotation(o: Options) -> str:
+    """The jobs on the alert's GPU, comma-separated and sorted, from nvidia_gpu_workload_info (empty when
+    no workload source is on). A template query: it runs only for an alert that fires, never per GPU; the
+    remediator reads it into its drain reason and audit. A series without the cluster label matches the
+    empty value, so one cluster needs nothing."""
+    # the selector goes into a Go string literal that is also a printf format: escape it for both
+    selector = o.selector.replace("\\", "\\\\").replace('"', '\\"').replace("%", "%%")
+    matchers = ",".join(x for x in (selector, f"{o.cluster}=%q", "instance=%q", "uuid=%q") if x)
+    query = (f'printf "nvidia_gpu_workload_info{{{matchers}}}" (index $labels "{o.cluster}") '
+             "$labels.instance $labels.uuid")
+    return ("{{ range $i, $w := query (" + query + ') | sortByLabel "workload_id" }}'
+            "{{ if $i }}, {{ end }}{{ $w.Labels.workload_id }}{{ end }}")
+
+
 def render_group(g: Group, o: Options) -> dict:
     out: dict = {"name": g.name,
                  "interval": ("2s" if g.interval == "5m" else "1s") if o.test_timing else g.interval}
@@ -417,6 +457,8 @@ def render_group(g: Group, o: Options) -> dict:
         rule["labels"] = {"severity": r.severity, "action": r.action}
         rule["annotations"] = {"summary": r.summary, "description": r.description,
                                "runbook_url": o.runbook_url.format(alertname=r.name)}
+        if r.description.startswith(on_gpu("")):  # about one GPU: name the jobs on it (docs/workloads.md)
+            rule["annotations"]["workloads"] = workloads_annotation(o)
         rules.append(rule)
     out["rules"] = rules
     return out

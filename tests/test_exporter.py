@@ -180,7 +180,7 @@ def test_every_metric_with_the_value_the_scenario_implies(fake: FakeNvml, start_
     assert missing == {"nvml_exporter_invalid_readings_total", "nvml_exporter_nvml_errors_total",
                        "nvml_exporter_collect_timeouts_total",
                        "nvidia_gpu_incidents_total", "nvidia_gpu_incident_interval_seconds",
-                       "nvidia_nvswitch_sxid_errors_total",
+                       "nvidia_nvswitch_sxid_errors_total", "nvidia_nvswitch_sxid_last_timestamp_seconds",
                        # only with a --collect.workload.* source (tests/test_workload_exporter.py)
                        "nvidia_gpu_workload_info", "nvml_exporter_workloads_dropped_total",
                        "nvml_exporter_workload_refresh_errors_total"}

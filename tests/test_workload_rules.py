@@ -1,8 +1,6 @@
-"""The `workloads` annotation proposed for the per-GPU alerts (docs/workloads.md): promtool unit test and
-Debian's real Prometheus over the real exporter, where an Xid 79 alert names the Slurm job on its GPU.
-
-rules/ is generated elsewhere; until the annotation is in the generator, these tests add it to a copy of
-the pack (setdefault: once it is there, they test the pack's own)."""
+"""The `workloads` annotation of the per-GPU alerts (rules/generate.py, docs/workloads.md): promtool unit test
+and Debian's real Prometheus over the real exporter, where an Xid 79 alert names the Slurm job on its GPU.
+The pack carries the annotation; alert_rules() keeps a setdefault so the test reads the pack's own."""
 
 from __future__ import annotations
 
