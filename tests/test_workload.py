@@ -16,6 +16,7 @@ from nvml_exporter.workload.kubelet import Kubelet
 from nvml_exporter.workload.processes import Processes
 from nvml_exporter.workload.procfs import attribute
 from nvml_exporter.workload.slurm import SlurmDir, parse_line
+from tests.conftest import wait_for
 from tests.kubelet_stub import GPU0_UUID, MIG_A, serving
 
 GPU0 = GpuIdentity(0, GPU0_UUID, minor_number="0")
@@ -260,6 +261,8 @@ def test_a_real_process_is_attributed_through_proc() -> None:
     child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"],
                              env={**os.environ, "SLURM_JOB_ID": "31337", "SLURM_JOB_USER": "carol"})
     try:
+        # until the child has exec'd, /proc shows the environment it inherited from the fork
+        wait_for(lambda: b"time.sleep" in Path(f"/proc/{child.pid}/cmdline").read_bytes(), timeout=10)
         assert attribute(child.pid) == Workload("31337", "process", (("slurm_user", "carol"),))
     finally:
         child.kill()

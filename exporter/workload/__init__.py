@@ -104,6 +104,8 @@ class Tracker:
 
     def stop(self) -> None:
         self._stop.set()
+        for t in self._threads:  # a read in flight (a slow kubelet) ends within its own timeout
+            t.join(timeout=5.0)
 
     def _loop(self, source: Source) -> None:
         while not self._stop.is_set():
