@@ -280,6 +280,12 @@ def reliability() -> dict:
               unit="s", w=12,
               description="From the GPUs' incident histories (fatal Xids coalesced into incidents, across reboots): "
                           "the measured time between incidents of one GPU, beside the model's lambda above."),
+        panel("timeseries", "Measured incidents per GPU-hour, by model (30d)",
+              [("model:nvidia_gpu_incident_rate_per_gpu_hour:30d", "{{name}}")], w=12,
+              description="Recorded from the incident histories: incidents (not raw Xids) per GPU-hour of each "
+                          "GPU model; compare with lambda, which counts critical Xids."),
+        panel("stat", "Median time between a GPU's incidents (30d, recorded)",
+              [("fleet:nvidia_gpu_incident_interval_seconds:median30d", "median")], unit="s", w=12),
     ]
     variables = [datasource_var(), textbox("N", "1024", "Job GPUs (N)"), textbox("T", "24", "Job hours (T)"),
                  textbox("C", "0.05", "Checkpoint hours (C)")]

@@ -390,6 +390,14 @@ def record_groups(o: Options) -> list[Group]:
                    f"sum by {o.by()} (increase({crit}[5m]))\n"
                    f"or\nsum by {o.by()} (instance:nvidia_gpus:count) * 0\n"),
             Record("fleet:nvidia_gpu_hours:5m", f"sum by {o.by()} (instance:nvidia_gpus:count) * 5 / 60"),
+            # the incident history's measured figures (docs/diagnosis.md): incidents, not raw Xids, per model
+            Record("model:nvidia_gpu_incidents:increase5m",
+                   f"sum by {o.by('name')} (\n"
+                   f"  increase({o.m('nvidia_gpu_incidents_total', 'kind=' + q('fatal_xid'))}[5m])\n"
+                   f"  * on {o.by('job', 'instance', 'gpu', 'uuid')} group_left (name) {o.m('nvidia_gpu_info')}\n)"),
+            Record("model:nvidia_gpu_hours:5m", f"sum by {o.by('name')} (model:nvidia_gpus:count) * 5 / 60"),
+            Record("le:nvidia_gpu_incident_interval_seconds_bucket:increase5m",
+                   f"sum by {o.by('le')} (increase({o.m('nvidia_gpu_incident_interval_seconds_bucket')}[5m]))"),
             Record("category:nvidia_gpu_xids:increase1h",
                    f"sum by {o.by('category')} (\n  "
                    + "\n  or ".join(by_category(cat) for cat in CATEGORIES) + "\n)\n"),
@@ -403,6 +411,14 @@ def record_groups(o: Options) -> list[Group]:
             Record("fleet:nvidia_gpu_mtbf_hours:30d", f"{h30} / {f30}"),
             Record("fleet:nvidia_job_failure_probability:7d",
                    f"1 - exp(-({f7} / {h7}) * {o.job_gpus} * {o.job_hours:g})"),
+            # measured, beside the model's lambda: incidents per GPU-hour of each model, and the median time
+            # between a GPU's incidents
+            Record("model:nvidia_gpu_incident_rate_per_gpu_hour:30d",
+                   "sum_over_time(model:nvidia_gpu_incidents:increase5m[30d])\n"
+                   "/ sum_over_time(model:nvidia_gpu_hours:5m[30d])"),
+            Record("fleet:nvidia_gpu_incident_interval_seconds:median30d",
+                   "histogram_quantile(0.5,\n"
+                   "  sum_over_time(le:nvidia_gpu_incident_interval_seconds_bucket:increase5m[30d]))"),
             Record("fleet:nvidia_job_checkpoint_interval_hours:7d",
                    f"sqrt(2 * {o.checkpoint_hours:g} * {h7} / ({f7} * {o.job_gpus}))"),
         ]),
