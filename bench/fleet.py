@@ -52,8 +52,9 @@ JOB = "nvml-exporter"  # the job name the rule pack's `up{job=...}` alert select
 
 # Appended to the demo scenario (a later key overrides an earlier one): one link down, one link whose
 # CRC counter keeps counting (a replay count too), one link with recoveries: per-link detail that a
-# fleet always has somewhere. Served on every node, so a quarter... of the GPUs carry a fault: more
-# than a real fleet, which makes the figures an upper bound for per-link cardinality.
+# fleet always has somewhere. The page is served for every node, so 3 GPUs in 8 carry a faulty link,
+# far more than in a real fleet: for an exporter that shows per-link series only for faulty links,
+# the figures are an upper bound.
 FAULTS = """
 # bench/fleet.py: NVLink faults on three of the eight GPUs
 gpu.2.nvlink.5.up=0
@@ -104,6 +105,15 @@ def git_commit(path: Path) -> str | None:
     except (OSError, subprocess.CalledProcessError):
         return None
     return head + ("+dirty" if dirty else "")
+
+
+def package_version(package: str) -> str | None:
+    """The Debian package's version (Debian's victoria-metrics binaries print an empty -version)."""
+    try:
+        return subprocess.run(["dpkg-query", "-W", "-f=${Version}", package], capture_output=True, text=True,
+                              check=True).stdout.strip() or None
+    except (OSError, subprocess.CalledProcessError):
+        return None
 
 
 def http_get(url: str, timeout: float = 30) -> bytes:
@@ -393,16 +403,22 @@ def query(base: str, expr: str) -> float | None:
     return float(result[0]["value"][1]) if result else None
 
 
-def measure(phase: Phase, sample: Callable[[], None], filled: Callable[[], bool], duration: float,
+def measure(phase: Phase, sample: Callable[[], None], filled: Callable[[], float], duration: float,
             fill_timeout: float, cap: float, alive: Callable[[], None], label: str) -> float:
-    """Sample until the head is full, then for `duration` seconds and until every group has run once
-    since; returns when it ended."""
+    """Sample until the head is full (`filled`: the share of targets up and of the fleet's samples in,
+    whichever is less), then for `duration` seconds and until every group has run once since; returns
+    when it ended. An overloaded engine that keeps a few targets failing (scrape timeouts) is measured
+    as it is once 95 % are in, and the run says so."""
     deadline = time.monotonic() + fill_timeout
-    while not filled():
+    while (share := filled()) < 1.0:
         alive()
         sample()
         if time.monotonic() > deadline:
-            raise BenchError(f"{label}: the fleet's series were not all in within {fill_timeout:.0f} s")
+            if share < 0.95:
+                raise BenchError(f"{label}: {share:.0%} of the fleet's targets/series in after {fill_timeout:.0f} s")
+            phase.figures["warning"] = f"only {share:.1%} of the fleet's targets/series were in at the start"
+            print(f"  {label}: {phase.figures['warning']}; measuring anyway", flush=True)
+            break
         time.sleep(2)
     phase.filled = time.time()
     print(f"  {label}: every target scraped, series in after {phase.filled - phase.started:.0f} s; "
@@ -468,13 +484,13 @@ def run_prometheus(procs: Processes, workdir: Path, nodes: int, fleet_port: int,
             g.failures = fams.get("prometheus_rule_evaluation_failures_total", {}).get(gname, 0.0)
             g.missed = fams.get("prometheus_rule_group_iterations_missed_total", {}).get(gname, 0.0)
 
-    def filled() -> bool:
-        return (query(base, f'count(up{{job="{JOB}"}} == 1)') == nodes
-                and (query(base, f'sum(scrape_samples_scraped{{job="{JOB}"}})') or 0) >= want)
+    def filled() -> float:
+        return min((query(base, f'count(up{{job="{JOB}"}} == 1)') or 0) / nodes,
+                   (query(base, f'sum(scrape_samples_scraped{{job="{JOB}"}})') or 0) / want)
 
     ended = measure(phase, sample, filled, duration, fill_timeout=max(120.0, 4 * interval + nodes * 0.2),
                     cap=max(g.interval for g in groups) + 60, alive=lambda: procs.check(proc), label="prometheus")
-    phase.figures = {
+    phase.figures |= {
         "version": subprocess.run([binary, "--version"], capture_output=True, text=True).stdout.split("\n")[0],
         "head_series": head.get("prometheus_tsdb_head_series"),
         "process_resident_memory_bytes": head.get("process_resident_memory_bytes"),
@@ -547,17 +563,16 @@ def run_victoriametrics(procs: Processes, workdir: Path, nodes: int, fleet_port:
         if not ("vmalert_alerting_rules_error" in sums or "vmalert_recording_rules_error" in sums):
             raise BenchError(f"vmalert's /metrics lacks the per-group families the bench reads: {sorted(sums)}")
 
-    def filled() -> bool:
-        return (query(vm, f'count(up{{job="{JOB}"}} == 1)') == nodes
-                and (query(vm, f'sum(last_over_time(scrape_samples_scraped{{job="{JOB}"}}[{2 * interval:g}s]))') or 0)
-                >= want)
+    def filled() -> float:
+        window = f"{2 * interval:g}s"
+        return min((query(vm, f'count(last_over_time(up{{job="{JOB}"}}[{window}]) == 1)') or 0) / nodes,
+                   (query(vm, f'sum(last_over_time(scrape_samples_scraped{{job="{JOB}"}}[{window}]))') or 0) / want)
 
     ended = measure(phase, sample, filled, duration, fill_timeout=max(180.0, 6 * interval + nodes * 0.3),
                     cap=max(g.interval for g in groups) + 60, alive=alive, label="victoria-metrics")
     status = json.loads(http_get(f"{vm}/api/v1/status/tsdb", timeout=120))
-    phase.figures = {
-        "version": subprocess.run([str(tools["victoria-metrics"]), "-version"], capture_output=True,
-                                  text=True).stdout.strip() or None,
+    phase.figures |= {
+        "version": package_version("victoria-metrics"),
         "series": status.get("data", {}).get("totalSeries"),
         "scraped_samples": query(vm, f'sum(last_over_time(scrape_samples_scraped{{job="{JOB}"}}[{2 * interval:g}s]))'),
         "targets_up": query(vm, f'count(last_over_time(up{{job="{JOB}"}}[{2 * interval:g}s]) == 1)'),
@@ -605,7 +620,11 @@ def report_run(label: str, run: dict[str, Any]) -> list[str]:
            f"series per node, {page['series_per_gpu']} per GPU, {page['per_link_series']} of them per NVLink link. "
            f"Rules: {rules['dir']} (commit {rules['commit']}): {len(rules['groups'])} groups, "
            f"{sum(g['rules'] for g in rules['groups'])} rules. Measured {run['duration_seconds']:.0f} s "
-           f"after every target had been scraped; scrape and evaluation every {run['interval_seconds']:g} s.\n",
+           f"after every target had been scraped; scrape and evaluation every {run['interval_seconds']:g} s. "
+           f"Prometheus {prom['version'].split()[2] if prom else '—'}, "
+           f"victoria-metrics {vm['version'] if vm else '—'}; {run['machine']['cpus']} CPUs "
+           f"({run['machine']['cpu']}), {run['machine']['memory_bytes'] / GIB:.0f} GiB, load average "
+           f"{run['load_average_at_start'][0]:.1f} at the start, {run['load_average_at_end'][0]:.1f} at the end.\n",
            "| figure | Prometheus | VictoriaMetrics |", "|---|---:|---:|"]
 
     def groups_sum(e: dict[str, Any]) -> str:
@@ -633,6 +652,8 @@ def report_run(label: str, run: dict[str, Any]) -> list[str]:
         ("CPU seconds", cell(prom, cpu), cell(vm, cpu)),
     ]
     out += [f"| {a} | {b} | {c} |" for a, b, c in rows] + [""]
+    out += [f"{name}: {eng['warning']}.\n" for name, eng in (("Prometheus", prom), ("VictoriaMetrics", vm))
+            if eng and eng.get("warning")]
     g = goals(run)
     if g:
         out += ["| goal (Prometheus, 10,000 GPUs) | goal | measured | ratio | verdict |", "|---|---:|---:|---:|---|"]
