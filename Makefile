@@ -70,13 +70,13 @@ build/cref/cref: $(CREF_SRC)
 	$(CC) -O2 -Wall -Wextra -std=c11 -o $@ $(CREF_SRC) -ldl
 
 # The rule pack and the exporter's page at fleet scale (issue 14): the demo node's page (plus NVLink faults)
-# served for 1,250 nodes = 10,000 GPUs to Debian's Prometheus, then to vmagent + victoria-metrics + vmalert;
-# prints the figures against the goals and writes bench/fleet-results.json. Heavy: ~8 GiB of memory and
-# ~20 minutes on 2 cores with today's page. BENCH_FLEET_ARGS: e.g. --nodes 125, --rules DIR, --page FILE,
-# --label NAME (see bench/fleet.py --help); `bench/fleet.py --report` reprints the results as Markdown.
+# served for 1,250 nodes = 10,000 GPUs to Debian's Prometheus, then to vmagent + victoria-metrics + vmalert.
+# Prints the figures against the goals, writes bench/fleet-results.json and the report in docs/performance.md.
+# Heavy: ~8 GiB of memory and ~20 minutes on 2 cores with today's page. BENCH_FLEET_ARGS: e.g. --nodes 125,
+# --rules DIR, --page FILE, --label NAME (bench/fleet.py --help); `bench/fleet.py --report` reprints the JSON.
 BENCH_FLEET_ARGS ?=
 bench-fleet: deps venv fakenvml
-	$(BIN)/python bench/fleet.py $(BENCH_FLEET_ARGS)
+	$(BIN)/python bench/fleet.py --doc docs/performance.md $(BENCH_FLEET_ARGS)
 
 # What tests/gpu/run.sh needs on a GPU machine that has no network and may lack promtool or gcc:
 # carry build/gpu-carry (device tool: carry=["build/gpu-carry"]).
