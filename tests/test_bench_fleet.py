@@ -145,3 +145,11 @@ def test_fleet_of_five_nodes_on_prometheus_and_victoriametrics(tmp_path: Path) -
     report = subprocess.run([sys.executable, str(REPO / "bench" / "fleet.py"), "--report", f"--out={out}"],
                             capture_output=True, text=True, check=True).stdout
     assert "### smoke: 5 nodes, 40 GPUs" in report and "| bench-canary | 2 s | 1 |" in report
+
+
+def test_performance_doc_shows_the_committed_fleet_results() -> None:
+    fleet = load("fleet")
+    results = json.loads((REPO / "bench" / "fleet-results.json").read_text())
+    doc = (REPO / "docs" / "performance.md").read_text()
+    block = doc.split(fleet.DOC_BEGIN)[1].split(fleet.DOC_END)[0]
+    assert block.strip() == fleet.report(results).strip(), "run: bench/fleet.py --report --doc docs/performance.md"
