@@ -95,11 +95,14 @@ def duration_seconds(text: str | int | float) -> float:
 
 
 def git_commit(path: Path) -> str | None:
-    """Commit of the checkout holding `path`, with "+dirty" when its files differ from it."""
+    """The last commit that changed `path` (the exporter's package, the rules' directory) in the checkout
+    holding it, with "+dirty" when its files differ from that commit; None outside a checkout."""
     d = path if path.is_dir() else path.parent
     try:
-        head = subprocess.run(["git", "-C", str(d), "rev-parse", "--short=12", "HEAD"], capture_output=True,
-                              text=True, check=True).stdout.strip()
+        head = subprocess.run(["git", "-C", str(d), "log", "-1", "--format=%h", "--abbrev=12", "--", str(path)],
+                              capture_output=True, text=True, check=True).stdout.strip()
+        if not head:
+            return None  # not tracked
         dirty = subprocess.run(["git", "-C", str(d), "status", "--porcelain", "--", str(path)],
                                capture_output=True, text=True, check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
