@@ -382,6 +382,11 @@ class Phase:
         steady = {n: g["steady_seconds"] for n, g in groups.items() if g["steady_seconds"] is not None}
         last = {n: g["last_seconds"] for n, g in groups.items() if g["last_seconds"] is not None}
         slowest = max(steady, key=lambda n: steady[n]) if steady else None
+        # Groups with longer intervals cost less per second than their duration says: the share of one
+        # core the rules keep busy is the sum of duration / interval, and a group whose share nears 1
+        # is about to overrun its interval.
+        share = {n: d / self.groups[n].interval for n, d in steady.items()}
+        tightest = max(share, key=lambda n: share[n]) if share else None
         return {
             "seconds_to_fill": round(self.filled - self.started, 1),
             "seconds_measured": round(ended - self.filled, 1),
@@ -390,6 +395,9 @@ class Phase:
             "groups_sum_last_seconds": sum(last.values()),
             "slowest_group": slowest,
             "slowest_group_seconds": steady[slowest] if slowest else None,
+            "evaluation_load": sum(share.values()),
+            "tightest_group": tightest,
+            "tightest_group_share": share[tightest] if tightest else None,
             "evaluation_failures": sum(g.failures for g in self.groups.values()),
             "iterations_missed": sum(g.missed for g in self.groups.values()),
             "not_evaluated": sorted(n for n, g in groups.items() if not g["evaluations"]),
@@ -641,6 +649,12 @@ def report_run(label: str, run: dict[str, Any]) -> list[str]:
     def slowest(e: dict[str, Any]) -> str:
         return f"{fmt(e['slowest_group_seconds'])} s ({e['slowest_group']})"
 
+    def load(e: dict[str, Any]) -> str:
+        return fmt(e.get("evaluation_load"))
+
+    def tightest(e: dict[str, Any]) -> str:
+        return f"{fmt(e.get('tightest_group_share'))} ({e.get('tightest_group')})" if "tightest_group" in e else "—"
+
     def cpu(e: dict[str, Any]) -> str:
         return ", ".join(f"{n} {v:,.0f}" for n, v in e["cpu_seconds"].items())
 
@@ -651,6 +665,8 @@ def report_run(label: str, run: dict[str, Any]) -> list[str]:
          cell(vm, lambda e: fmt(e["scraped_samples"], 0))),
         ("groups' evaluation time, sum: steady (last)", cell(prom, groups_sum), cell(vm, groups_sum)),
         ("slowest group, steady", cell(prom, slowest), cell(vm, slowest)),
+        ("rules' load: Σ steady time ÷ interval (cores kept busy)", cell(prom, load), cell(vm, load)),
+        ("group nearest its interval: steady time ÷ interval", cell(prom, tightest), cell(vm, tightest)),
         ("evaluation failures", cell(prom, lambda e: fmt(e["evaluation_failures"], 0)),
          cell(vm, lambda e: fmt(e["evaluation_failures"], 0))),
         ("group iterations missed (an evaluation overran its interval)",
