@@ -650,10 +650,10 @@ def report_run(label: str, run: dict[str, Any]) -> list[str]:
         return f"{fmt(e['slowest_group_seconds'])} s ({e['slowest_group']})"
 
     def load(e: dict[str, Any]) -> str:
-        return fmt(e.get("evaluation_load"))
+        return fmt(e.get("evaluation_load"), 3)
 
     def tightest(e: dict[str, Any]) -> str:
-        return f"{fmt(e.get('tightest_group_share'))} ({e.get('tightest_group')})" if "tightest_group" in e else "—"
+        return f"{fmt(e.get('tightest_group_share'), 3)} ({e.get('tightest_group')})" if "tightest_group" in e else "—"
 
     def cpu(e: dict[str, Any]) -> str:
         return ", ".join(f"{n} {v:,.0f}" for n, v in e["cpu_seconds"].items())
