@@ -421,10 +421,20 @@ def measure(phase: Phase, sample: Callable[[], None], filled: Callable[[], float
     whichever is less), then for `duration` seconds and until every group has run once since; returns
     when it ended. An overloaded engine that keeps a few targets failing (scrape timeouts) is measured
     as it is once 95 % are in, and the run says so."""
+    def tolerant(read: Callable[[], Any], default: Any) -> Any:
+        # An engine busy evaluating can answer its own /metrics or a query late: that sample is lost
+        # and counted, the run goes on (a dead engine is caught by alive()).
+        try:
+            return read()
+        except (OSError, ValueError) as e:
+            phase.figures["samples_failed"] = phase.figures.get("samples_failed", 0) + 1
+            print(f"  {label}: a sample failed ({e}); going on", flush=True)
+            return default
+
     deadline = time.monotonic() + fill_timeout
-    while (share := filled()) < 1.0:
+    while (share := tolerant(filled, 0.0)) < 1.0:
         alive()
-        sample()
+        tolerant(sample, None)
         if time.monotonic() > deadline:
             if share < 0.95:
                 raise BenchError(f"{label}: {share:.0%} of the fleet's targets/series in after {fill_timeout:.0f} s")
@@ -440,7 +450,7 @@ def measure(phase: Phase, sample: Callable[[], None], filled: Callable[[], float
     next_note = time.monotonic() + 60
     while True:
         alive()
-        sample()
+        tolerant(sample, None)
         now = time.monotonic()
         if now >= end_at and phase.all_evaluated():
             break
@@ -452,7 +462,7 @@ def measure(phase: Phase, sample: Callable[[], None], filled: Callable[[], float
             print(f"  {label}: {max(0.0, end_at - now):.0f} s left; RSS GiB {rss}", flush=True)
             next_note = now + 60
         time.sleep(min(5.0, max(0.5, end_at - now)))
-    sample()
+    tolerant(sample, None)
     return time.time()
 
 
