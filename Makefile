@@ -72,8 +72,8 @@ build/cref/cref: $(CREF_SRC)
 # The rule pack and the exporter's page at fleet scale (issue 14): the demo node's page (plus NVLink faults)
 # served for 1,250 nodes = 10,000 GPUs to Debian's Prometheus, then to vmagent + victoria-metrics + vmalert.
 # Prints the figures against the goals, writes bench/fleet-results.json and the report in docs/performance.md.
-# Heavy: ~8 GiB of memory and ~20 minutes on 2 cores with today's page. BENCH_FLEET_ARGS: e.g. --nodes 125,
-# --rules DIR, --page FILE, --label NAME (bench/fleet.py --help); `bench/fleet.py --report` reprints the JSON.
+# Heavy: ~7 GiB and ~15 minutes on 2 cores with the page before issue 14. BENCH_FLEET_ARGS: e.g.
+# --nodes 125, --rules DIR, --page FILE, --label NAME (bench/fleet.py --help); --report reprints the JSON.
 BENCH_FLEET_ARGS ?=
 bench-fleet: deps venv fakenvml
 	$(BIN)/python bench/fleet.py --doc docs/performance.md $(BENCH_FLEET_ARGS)
