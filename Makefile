@@ -11,7 +11,7 @@ CFLAGS_FAKE := -O2 -g -Wall -Wextra -Werror -std=c11 -fPIC -shared -fvisibility=
 VERSION := $(shell sed -n 's/^__version__ = "\(.*\)"/\1/p' exporter/__init__.py)
 DEB := dist/prometheus-nvml-exporter_$(VERSION)_all.deb
 
-.PHONY: deps venv fakenvml test lint demo docs deb bench bench-idle gpu-carry clean
+.PHONY: deps venv fakenvml test lint demo docs deb bench bench-idle bench-fleet gpu-carry clean
 
 deps:
 	@tools/install-deps
@@ -79,6 +79,15 @@ bench-idle: venv fakenvml
 build/cref/cref: $(CREF_SRC) | deps
 	mkdir -p build/cref
 	$(CC) -O2 -Wall -Wextra -Werror -std=c11 -o $@ $(CREF_SRC) -ldl
+
+# The rule pack and the exporter's page at fleet scale (issue 14): the demo node's page (plus NVLink faults)
+# served for 1,250 nodes = 10,000 GPUs to Debian's Prometheus, then to vmagent + victoria-metrics + vmalert.
+# Prints the figures against the goals, writes bench/fleet-results.json and the report in docs/performance.md.
+# Heavy: ~7 GiB and ~15 minutes on 2 cores with the page before issue 14. BENCH_FLEET_ARGS: e.g.
+# --nodes 125, --rules DIR, --page FILE, --label NAME (bench/fleet.py --help); --report reprints the JSON.
+BENCH_FLEET_ARGS ?=
+bench-fleet: deps venv fakenvml
+	$(BIN)/python bench/fleet.py --doc docs/performance.md $(BENCH_FLEET_ARGS)
 
 # What tests/gpu/run.sh needs on a GPU machine that has no network and may lack promtool or gcc:
 # carry build/gpu-carry (device tool: carry=["build/gpu-carry"]).
