@@ -38,12 +38,26 @@ class EventWatcher:
         self._thread = threading.Thread(target=self._run, name="nvml-events", daemon=True)
         self.registered: dict[str, int] = {}  # uuid -> event mask, for tests and the landing page
         self.first_registration = threading.Event()
+        self._pause = threading.Event()  # the collector lets go of NVML (a GPU reset): hold no event set
+        self._idle = threading.Event()  # set by the thread once paused, its set freed
 
     def start(self) -> None:
         self._thread.start()
 
     def stop(self) -> None:
         self._stop.set()
+
+    def pause(self, timeout: float) -> bool:
+        """Free the event set and make no NVML call until resume(); True once the thread has let go (a
+        wait in the driver ends within RECHECK_SECONDS)."""
+        self._pause.set()
+        if not self._thread.is_alive():
+            return True
+        return self._idle.wait(timeout)
+
+    def resume(self) -> None:
+        self._idle.clear()
+        self._pause.clear()
 
     def _register(self) -> EventSet | None:
         try:
@@ -68,6 +82,14 @@ class EventWatcher:
         es: EventSet | None = None
         checked = 0.0
         while not self._stop.is_set():
+            if self._pause.is_set():
+                if es is not None:
+                    self._free(es)
+                    es = None
+                    self.registered = {}
+                self._idle.set()
+                self._stop.wait(0.1)
+                continue
             now = time.monotonic()
             due = now - checked >= RECHECK_SECONDS
             if due:
