@@ -393,6 +393,7 @@ class Collector:
             with self._lock:
                 for g in gpus:
                     g.reader, g.last, g.up = None, None, False
+                self._last = None  # the next scrape says released, not a page from before
             if uuid is None:
                 with self._lock:
                     self._nvml_up = False
@@ -428,9 +429,9 @@ class Collector:
                 with self._lock:
                     self._stale, self._nvml_up = False, True
                 self._rediscover()
-                if self._events is not None:
-                    self._events.resume()
-        self.collect(timeout)
+        self.collect(timeout)  # attach every GPU first: the event thread registers the attached ones
+        if was_all and self._events is not None and not self._events.resume(timeout):
+            log.warning("NVML events not registered again yet after reacquire")
         log.warning("reacquired NVML on the node agent's request")
         return "reacquired"
 

@@ -40,6 +40,7 @@ class EventWatcher:
         self.first_registration = threading.Event()
         self._pause = threading.Event()  # the collector lets go of NVML (a GPU reset): hold no event set
         self._idle = threading.Event()  # set by the thread once paused, its set freed
+        self._registered = threading.Event()  # set by each registration
 
     def start(self) -> None:
         self._thread.start()
@@ -55,9 +56,12 @@ class EventWatcher:
             return True
         return self._idle.wait(timeout)
 
-    def resume(self) -> None:
+    def resume(self, timeout: float = 5.0) -> bool:
+        """Register again; True once registered (events before that are the journal's to count)."""
+        self._registered.clear()
         self._idle.clear()
         self._pause.clear()
+        return not self._thread.is_alive() or self._registered.wait(timeout)
 
     def _register(self) -> EventSet | None:
         try:
@@ -76,6 +80,7 @@ class EventWatcher:
             log.info("registered for NVML events", extra={"gpus": len(registered)})
         self.registered = registered
         self.first_registration.set()
+        self._registered.set()
         return es
 
     def _run(self) -> None:
