@@ -920,7 +920,7 @@ class Collector:
 
 HISTORY_REFRESH_SECONDS = 5.0
 # What a GPU the agent asked the exporter to let go of serves besides `up 0` (one series: the reason).
-_RELEASED: Values = {"nvml_exporter_released": {(): 1.0}}
+_RELEASED: Values = {"nvidia_gpu_released": {(): 1.0}}
 
 
 class ReleaseError(Exception):

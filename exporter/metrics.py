@@ -43,7 +43,7 @@ GPU_METRICS: tuple[Metric, ...] = (
            "nvmlDeviceGetName/Serial/VbiosVersion/PciInfo/MinorNumber, nvmlSystemGetDriverVersion"),
     Metric("nvidia_gpu_up", GAUGE, "1 if the GPU answered this collection, 0 if it is lost or failing.",
            source="collection outcome", valid=RATIO),
-    Metric("nvml_exporter_released", GAUGE,
+    Metric("nvidia_gpu_released", GAUGE,
            "1 while the exporter has let go of this GPU (and NVML) on the node agent's request, for a GPU "
            "reset; nvidia_gpu_up is 0 meanwhile for that reason, not a fault. Absent otherwise.",
            source="control socket (release/reacquire)", valid=RATIO, budget=0),

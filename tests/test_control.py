@@ -1,6 +1,6 @@
 """The exporter's control socket (issue 17, item 2): the node agent has the exporter release NVML before a
 GPU reset and reacquire it after; while released the exporter makes no NVML call and serves `up 0` with
-the reason (nvml_exporter_released), not a fault."""
+the reason (nvidia_gpu_released), not a fault."""
 
 from __future__ import annotations
 
@@ -36,7 +36,7 @@ def test_release_all_shuts_nvml_down_and_reacquire_brings_it_back(tmp_path: Path
     assert s["nvml_exporter_nvml_up"] == 0
     for i, u in enumerate(uuids):
         assert s[f'nvidia_gpu_up{{gpu="{i}",uuid="{u}"}}'] == 0
-        assert s[f'nvml_exporter_released{{gpu="{i}",uuid="{u}"}}'] == 1
+        assert s[f'nvidia_gpu_released{{gpu="{i}",uuid="{u}"}}'] == 1
         assert f'nvidia_gpu_temperature_celsius{{gpu="{i}"' not in page
         # let go on purpose: not a lost GPU, so no reboot recommended to whoever acts on the page
         assert s.get(f'nvidia_gpu_recommended_action{{gpu="{i}",uuid="{u}",action="reboot_node"}}', 0) == 0
@@ -54,7 +54,7 @@ def test_release_all_shuts_nvml_down_and_reacquire_brings_it_back(tmp_path: Path
     assert s["nvml_exporter_nvml_up"] == 1
     for i, u in enumerate(uuids):
         assert s[f'nvidia_gpu_up{{gpu="{i}",uuid="{u}"}}'] == 1
-    assert "nvml_exporter_released{" not in page
+    assert "nvidia_gpu_released{" not in page
     fake.xid(1, 79)  # the event thread registered again
     wait_for(lambda: 'nvidia_gpu_xid_errors_total{gpu="1"' in exp.metrics() and "xid=\"79\"" in exp.metrics())
 
@@ -69,7 +69,7 @@ def test_release_one_gpu_others_keep_serving(tmp_path: Path, start_exporter) -> 
     assert s[f'nvidia_gpu_up{{gpu="0",uuid="{uuids[0]}"}}'] == 1
     assert s[f'nvidia_gpu_temperature_celsius{{gpu="0",uuid="{uuids[0]}"}}'] > 0
     assert s[f'nvidia_gpu_up{{gpu="1",uuid="{uuids[1]}"}}'] == 0
-    assert s[f'nvml_exporter_released{{gpu="1",uuid="{uuids[1]}"}}'] == 1
+    assert s[f'nvidia_gpu_released{{gpu="1",uuid="{uuids[1]}"}}'] == 1
     assert s["nvml_exporter_nvml_up"] == 1
     control.request(str(sock), "reacquire")
     wait_for(lambda: samples(exp.metrics()).get(f'nvidia_gpu_up{{gpu="1",uuid="{uuids[1]}"}}') == 1)
