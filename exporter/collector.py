@@ -873,10 +873,13 @@ class Collector:
         except HistoryError as e:
             log.error("could not record an Xid in the incident history", extra={"error": str(e)})
 
-    def _reset_acknowledged(self, uuid: str, ts: float, line: str) -> None:
+    def _reset_acknowledged(self, uuid: str, ts: float, line: str, ok: bool = True) -> None:
         assert self.history is not None
         try:
-            self.history.record_reset(uuid, ts, f"acknowledged: {line}")
+            if ok:
+                self.history.record_reset(uuid, ts, f"acknowledged: {line}")
+            else:
+                self.history.record_reset_failed(uuid, ts, line)
         except HistoryError as e:
             log.error("could not record a GPU reset in the incident history", extra={"error": str(e)})
 

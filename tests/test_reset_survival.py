@@ -8,11 +8,13 @@ from __future__ import annotations
 import json
 import re
 import subprocess
+import time
 from collections import Counter
 from pathlib import Path
 
 from tests.conftest import EXPORTER, samples, wait_for
 from tests.fakenvml.scenario import FakeNvml, h100_node
+from tests.journal import write_journal
 
 SERIES = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[^}]*\})? ")
 
@@ -131,3 +133,25 @@ def test_driver_reload_page_keeps_serving_and_everything_returns(tmp_path: Path,
     assert_consistent(page)
     for u in uuids:
         assert families_of(page, u) >= full[u]
+
+
+def test_agent_acknowledgements_reach_the_incident_history(tmp_path: Path, start_exporter) -> None:
+    """The node agent logs `GPU reset executed: UUID, success: …` (logger -t nvml-remediator); the exporter,
+    the history's only writer, records a reset that worked as a remedy and one that failed apart."""
+    fake = FakeNvml(tmp_path / "nvml", h100_node(2))
+    u0, u1 = fake.state["gpu.0.uuid"], fake.state["gpu.1.uuid"]
+    history = tmp_path / "history.sqlite"
+    now = time.time()
+    journal = write_journal(tmp_path / "ack.journal", [(now, f"GPU reset executed: {u0}, success: true"),
+                                                       (now, f"GPU reset executed: {u1}, success: false")],
+                            identifier="nvml-remediator")
+    exp = start_exporter(fake, f"--history.path={history}", f"--xid.journal-path={journal}")
+    wait_for(lambda: value(exp.metrics(), "nvidia_gpu_incidents_total", u0, 'kind="reset"') == 1)
+    assert value(exp.metrics(), "nvidia_gpu_incidents_total", u1, 'kind="reset"') == 0  # not a remedy
+
+    def kinds(uuid: str) -> list[str]:
+        out = subprocess.run([*EXPORTER, "history", f"--history.path={history}", "--gpu", uuid, "--json"],
+                             capture_output=True, text=True, check=True).stdout
+        return [e["kind"] for e in json.loads(out)["gpus"][0]["events"]]
+    assert "reset" in kinds(u0)
+    assert wait_for(lambda: "reset_failed" in kinds(u1))

@@ -336,9 +336,9 @@ def _clean(diag: Outcome, uuid: str) -> tuple[bool, str]:
             continue
         if not g.get("up"):
             return False, "the GPU is down"
-        bad = [c.get("check") for c in g.get("findings", g.get("checks", []))
+        bad = [c.get("name") for c in g.get("checks", [])
                if isinstance(c, dict) and c.get("status") in ("warning", "critical")
-               and c.get("check") not in ("xid", "history")]
+               and c.get("name") not in ("xid", "history")]
         return (not bad), ("clean" if not bad else f"checks not ok: {bad}")
     return False, "the GPU is not in the diagnosis"
 
