@@ -30,6 +30,7 @@ import re
 import signal
 import socket
 import ssl
+import subprocess
 import threading
 import time
 import urllib.error
@@ -133,6 +134,21 @@ class NodeSteps:
 
     def _run(self, argv: list[str], step: str = "reset_gpu") -> Outcome:
         return self.engine._run(argv, self.policy.timeout(step))
+
+    def _capture(self, argv: list[str], step: str = "reset_gpu") -> Outcome:
+        """Like _run, with the whole output (up to 1 MiB): what is parsed must not be cut to the tail the
+        audit keeps (nvidia-smi -q, diagnose --json)."""
+        started = time.monotonic()
+        try:
+            r = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, timeout=self.policy.timeout(step),
+                               env={"PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"), "LANG": "C.UTF-8"})
+        except subprocess.TimeoutExpired:
+            return Outcome("timeout", [argv], reason=f"killed after {self.policy.timeout(step):g}s")
+        except OSError as e:
+            return Outcome("failed", [argv], reason=f"cannot start {argv[0]}: {e.strerror}")
+        out = r.stdout[: 1 << 20].decode(errors="replace")
+        return Outcome("ok" if r.returncode == 0 else "failed", [argv], rc=r.returncode, output=out,
+                       seconds=time.monotonic() - started)
 
     def _audit(self, job: Job, step: str, o: Outcome) -> None:
         self.engine.audit.write("ran" if o.result in ("ok", "dry_run") else o.result, step=step, result=o.result,
@@ -247,7 +263,7 @@ class NodeSteps:
     def _confirm(self, query: list[str]) -> tuple[bool, str]:
         """The GPU answers NVML again and its recovery action is None (nvidia-smi -q "GPU Recovery Action";
         a driver too old to print it: the answer alone)."""
-        o = self._run(query)
+        o = self._capture(query)
         if o.result != "ok":
             return False, f"nvidia-smi -q failed ({o.reason or o.rc})"
         if re.search(r"Unable to determine|GPU is lost|requires reset", o.output, re.I):
@@ -276,10 +292,12 @@ class NodeSteps:
 
     def _resume(self, job: Job, uuid: str) -> None:
         """After a confirmed reset: a clean diagnose of the GPU, then resume, only a drain of this tool."""
-        diag = self._run([self.policy.command("nvml_exporter"), "diagnose", "--json", "--no-xid.journal"], "default")
+        diag = self._capture([self.policy.command("nvml_exporter"), "diagnose", "--json", "--no-xid.journal"],
+                             "default")
         clean, why = _clean(diag, uuid)
         if not clean:
-            self._audit(job, "resume_node", Outcome("refused", diag.argv, rc=diag.rc, reason=f"diagnose: {why}"))
+            self._audit(job, "resume_node", Outcome("refused", diag.argv, rc=diag.rc, output=diag.output[-2000:],
+                                                    reason=f"diagnose: {why}"))
             return
         ok, message = resume(self.policy, job.node, self.engine._run)
         self._audit(job, "resume_node", Outcome("ok" if ok else "refused", reason=message))
@@ -415,9 +433,10 @@ def serve_agent(argv: Sequence[str]) -> int:
     except StorageError as e:
         p.error(f"cannot write state: {e}")
     log.info("agent started", extra={"node": args.node, "execute": args.execute, "alertmanagers": len(source.urls)})
+    seen: set[tuple[str, str]] = set()
     try:
         while not stopping.is_set():
-            poll(source, engine)
+            poll(source, engine, seen)
             if args.once:
                 engine_idle(engine, stopping)
                 break
@@ -432,8 +451,10 @@ def serve_agent(argv: Sequence[str]) -> int:
     return 0
 
 
-def poll(source: AlertmanagerSource, engine: Engine) -> int:
-    """One pull: queue what is new (the store drops what it has seen: an alert runs once)."""
+def poll(source: AlertmanagerSource, engine: Engine, seen: set[tuple[str, str]]) -> int:
+    """One pull: queue what is new. An alert is planned (and audited) once per process: `seen` holds the
+    (fingerprint, startsAt) of those planned already, since a firing alert is pulled again every
+    interval; the store's keys make it run once across restarts too."""
     try:
         alerts, errors = source.fetch()
     except SourceError as e:
@@ -441,15 +462,19 @@ def poll(source: AlertmanagerSource, engine: Engine) -> int:
         return 0
     for url, why in errors.items():
         log.warning("an Alertmanager did not answer; using the others", extra={"url": url, "error": why})
+    new = [a for a in alerts if (str(a.get("fingerprint", "")), str(a.get("startsAt", ""))) not in seen]
+    if not new:
+        return 0
     try:
-        verdicts = plan(as_payload(alerts), engine.policy, engine.audit)
+        verdicts = plan(as_payload(new), engine.policy, engine.audit)
         fresh = engine.store.enqueue([(x.key, x.node, x.rule, x.alert, x.steps) for x in verdicts.planned])
-        for x, new in zip(verdicts.planned, fresh, strict=True):
-            if new:
+        for x, queued in zip(verdicts.planned, fresh, strict=True):
+            if queued:
                 engine.audit.write("queued", key=x.key, node=x.node, rule=x.rule, source="alertmanager")
     except (PayloadError, StorageError) as e:
         log.error("could not queue the pulled alerts", extra={"error": str(e)})
-        return 0
+        return 0  # (not marked seen: tried again at the next pull)
+    seen.update((str(a.get("fingerprint", "")), str(a.get("startsAt", ""))) for a in new)
     engine.notify()
     return sum(fresh)
 
