@@ -295,3 +295,21 @@ def test_agent_refuses_bad_flags(tmp_path: Path) -> None:
     r = subprocess.run([*base, "--alertmanager.url=http://127.0.0.1:1"], capture_output=True, text=True, env=env,
                        timeout=30)
     assert r.returncode == 2 and "no node_agent" in r.stderr
+
+
+def test_fleet_example_policy_is_valid_for_both_roles(tmp_path: Path) -> None:
+    make_standins(tmp_path)
+    b = tmp_path / "bin"
+    text = (REPO / "examples" / "remediator-fleet.example.yml").read_text()
+    for name, prog in (("scontrol", "scontrol"), ("nvidia-smi", "nvidia-smi"), ("systemctl", "systemctl"),
+                       ("logger", "logger"), ("nvml-exporter", "nvml-exporter")):
+        text = text.replace(f"/usr/bin/{name}", str(b / prog))
+    (tmp_path / "fleet.yml").write_text(text)
+    out = subprocess.run([sys.executable, "-m", "nvml_exporter.remediator", "check-config",
+                          str(tmp_path / "fleet.yml")], capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0, out.stderr
+    from nvml_exporter.remediator import policy
+    p = policy.load(str(tmp_path / "fleet.yml"))
+    assert p.agent is not None and p.agent.holders == ("nvidia-dcgm", "dcgm-exporter") and not p.agent.reboot_node
+    assert policy.agent_commands(p) == []
+    assert [s.kind for s in p.rules[0].steps] == ["checkpoint_signal", "drain_node", "reset_gpu"]

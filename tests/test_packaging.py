@@ -172,7 +172,7 @@ def test_agent_unit_has_only_the_privileges_its_steps_need(root: Path) -> None:
     out = subprocess.run([require_tool("systemd-analyze"), "security", "--offline=yes", str(unit)],
                          capture_output=True, text=True)
     score = float(re.search(r"Overall exposure level for \S+: ([0-9.]+)", out.stdout).group(1))  # type: ignore[union-attr]
-    assert score <= 6.0, out.stdout  # root with CAP_SYS_ADMIN: "medium" at worst, never "unsafe"
+    assert score <= 4.0, out.stdout  # root with CAP_SYS_ADMIN, yet "OK" (3.0 when written)
 
 
 def test_installed_exporter_serves_metrics_with_debian_python(root: Path, fake: FakeNvml) -> None:
