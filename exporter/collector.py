@@ -381,15 +381,17 @@ class Collector:
                 else:
                     self._released.add(uuid)
             gpus = [g for g in self._gpus if uuid is None or g.identity.uuid == uuid]
-            deadline = self._clock() + timeout
-            if uuid is None and self._events is not None and not self._events.pause(
-                    max(0.0, deadline - self._clock())):
-                raise ReleaseError("the NVML event thread did not let go in time")
-            while any(g.read_started is not None for g in gpus):  # a read in flight finishes first
-                if self._clock() > deadline:
-                    hung = [g.index for g in gpus if g.read_started is not None]
-                    raise ReleaseError(f"a driver call on GPU {hung} has not returned; not released")
-                time.sleep(0.01)
+            try:
+                self._let_go_of(gpus, uuid is None, self._clock() + timeout)
+            except ReleaseError:  # nothing was released: back to reading, as before the request
+                with self._lock:
+                    if uuid is None:
+                        self._released_all = False
+                    else:
+                        self._released.discard(uuid)
+                if uuid is None and self._events is not None:
+                    self._events.resume(0)
+                raise
             with self._lock:
                 for g in gpus:
                     g.reader, g.last, g.up = None, None, False
@@ -405,6 +407,16 @@ class Collector:
                 return "released all (NVML shut down)"
             log.warning("released a GPU on the node agent's request", extra={"uuid": uuid})
             return f"released {uuid}"
+
+    def _let_go_of(self, gpus: list[_Gpu], everything: bool, deadline: float) -> None:
+        """Wait until no NVML call is in flight for these GPUs (and the event thread, for everything)."""
+        if everything and self._events is not None and not self._events.pause(max(0.0, deadline - self._clock())):
+            raise ReleaseError("the NVML event thread did not let go in time")
+        while any(g.read_started is not None for g in gpus):  # a read in flight finishes first
+            if self._clock() > deadline:
+                hung = [g.index for g in gpus if g.read_started is not None]
+                raise ReleaseError(f"a driver call on GPU {hung} has not returned; not released")
+            time.sleep(0.01)
 
     def reacquire(self, timeout: float = 10.0) -> str:
         """Take back what was released: initialise NVML again where it was shut down, attach by UUID."""

@@ -4,6 +4,7 @@ the reason (nvidia_gpu_released), not a fault."""
 
 from __future__ import annotations
 
+import ctypes
 import os
 import stat
 import time
@@ -13,7 +14,7 @@ import pytest
 
 from nvml_exporter import control
 from tests.conftest import samples, wait_for
-from tests.fakenvml.scenario import FakeNvml, h100_node
+from tests.fakenvml.scenario import LIBRARY, FakeNvml, h100_node
 
 
 def nvml_calls(fake: FakeNvml) -> int:
@@ -109,3 +110,26 @@ def test_control_socket_flag_errors(tmp_path: Path) -> None:
     with pytest.raises(control.ControlError, match="no such user"):
         control.resolve_users(["no-such-user-nvml-test"])
     assert control.default_path() == "" or os.environ.get("RUNTIME_DIRECTORY")
+
+
+def test_release_refused_while_a_driver_call_hangs_leaves_everything_as_it_was(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A read that does not return: the release says so and nothing is let go (a reset must not run)."""
+    from nvml_exporter.collector import ReleaseError
+    from tests.conftest import collector_over
+
+    fake = FakeNvml(tmp_path / "nvml", h100_node(2))
+    with collector_over(fake, monkeypatch) as collector:
+        lib = ctypes.CDLL(str(LIBRARY))  # the same library the collector loaded: its in-process counters
+        lib.fakeNvmlCallCount.restype = ctypes.c_ulonglong
+        shutdowns = lib.fakeNvmlCallCount(b"nvmlShutdown")  # (other tests of this process called it)
+        fake.gpu(1, **{"latency_us.nvmlDeviceGetTemperature": 3_000_000})  # GPU 1 hangs for 3 s per read
+        collector.collect(0.3)  # leaves GPU 1's read running
+        with pytest.raises(ReleaseError, match="has not returned"):
+            collector.release(None, timeout=0.5)
+        assert collector.released() == []
+        fake.unset("gpu.1.latency_us.nvmlDeviceGetTemperature")
+        time.sleep(3)
+        snap = collector.collect(5.0)
+        assert snap.state.nvml_up and all(g.up for g in snap.gpus)
+        assert lib.fakeNvmlCallCount(b"nvmlShutdown") == shutdowns
