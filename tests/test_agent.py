@@ -313,3 +313,20 @@ def test_fleet_example_policy_is_valid_for_both_roles(tmp_path: Path) -> None:
     assert p.agent is not None and p.agent.holders == ("nvidia-dcgm", "dcgm-exporter") and not p.agent.reboot_node
     assert policy.agent_commands(p) == []
     assert [s.kind for s in p.rules[0].steps] == ["checkpoint_signal", "drain_node", "reset_gpu"]
+
+
+def test_agent_restarted_after_dying_mid_reset_restores_holders_and_exporter(fleet: Fleet) -> None:
+    """The agent died between stopping the holders and restoring them: its next start restores them."""
+    f = fleet
+    assert control.request(str(f.socket), "release all").startswith("released all")
+    state = f.directory / "agent-node-a"
+    state.mkdir()
+    (state / "reset-in-progress.json").write_text(json.dumps({"uuid": f.uuid, "stopped": ["nvidia-dcgm"],
+                                                              "released": True}))
+    f.standin("stopped.nvidia-dcgm", "")
+    f.agent("node-a", "--execute")
+    wait_for(lambda: [r for r in f.audit("node-a") if r["event"] == "reset_recovered"], timeout=30)
+    assert ["systemctl", "start", "nvidia-dcgm"] in calls(f.directory, "systemctl")
+    assert control.request(str(f.socket), "status") == "released=none"
+    assert not (state / "reset-in-progress.json").exists()
+    wait_for(lambda: samples(f.exporter.metrics()).get(f'nvidia_gpu_up{{gpu="0",uuid="{f.uuid}"}}') == 1)
