@@ -122,7 +122,8 @@ def node() -> dict:
     panels = [
         row("Health"),
         panel("table", "GPUs", [(f"nvidia_gpu_info{{{s}}}", "")], w=24, h=6),
-        panel("timeseries", "Up", [(f"nvidia_gpu_up{{{s}}}", "GPU {{gpu}}")], w=8),
+        panel("timeseries", "Up (released: let go for a GPU reset)",
+              [(f"nvidia_gpu_up{{{s}}}", "GPU {{gpu}}"), (f"nvidia_gpu_released{{{s}}}", "GPU {{gpu}} released")], w=8),
         panel("timeseries", "Health by check (0 ok, 1 warning, 2 critical)",
               [(f"nvidia_gpu_health{{{s}}}", "GPU {{gpu}} {{check}}")], w=8),
         panel("table", "Recommended action", [(f"nvidia_gpu_recommended_action{{{s}}} == 1", "")], w=8),
