@@ -315,48 +315,49 @@ class Collector:
             self._wake.clear()
             if self._stop.is_set():
                 return
+            if self._stale and not self._released_all:
+                self._reinitialise()
             with self._nvml_lock:
-                if self._released_all:
-                    continue  # NVML stays shut down until the agent says reacquire
-                if self._stale:
-                    self._reinitialise()
-                self._rediscover()
+                if not self._released_all and not self._stale:  # (released: shut down until reacquire)
+                    self._rediscover()
 
     def _reinitialise(self) -> None:
         """NVML answered UNINITIALIZED or DRIVER_NOT_LOADED (a driver reload): every handle is stale. Shut
-        down and initialise again, with backoff, then attach every GPU anew by its UUID."""
-        with self._lock:
-            self._nvml_up = False
-            for g in self._gpus:
-                g.reader, g.last, g.up = None, None, False
-        try:
-            self._lib.shutdown()
-        except NvmlError as e:  # the state it would free is gone already
-            self._count_error(e.function, e.code)
-        delay, max_delay = self._init_backoff
-        while not self._stop.is_set() and not self._released_all:
+        down and initialise again, with backoff, then attach every GPU anew by its UUID. The NVML lock is
+        held for each attempt, not across the waits: a release or reacquire is answered meanwhile."""
+        with self._nvml_lock:
+            with self._lock:
+                self._nvml_up = False
+                for g in self._gpus:
+                    g.reader, g.last, g.up = None, None, False
             try:
-                self._lib.init()
-                self._driver_version = self._lib.driver_version()
-                break
-            except NvmlError as e:
+                self._lib.shutdown()
+            except NvmlError as e:  # the state it would free is gone already
                 self._count_error(e.function, e.code)
-                self.last_init_error = str(e)
-                log.warning("NVML went away (driver reload?); re-initialising",
-                            extra={"error": str(e), "retry_in_s": delay})
+        delay, max_delay = self._init_backoff
+        while True:
+            with self._nvml_lock:
+                if self._stop.is_set() or self._released_all or not self._stale:
+                    return  # (released, or a reacquire initialised it)
                 try:
-                    self._lib.shutdown()
-                except NvmlError as e2:
-                    self._count_error(e2.function, e2.code)
+                    self._lib.init()
+                    self._driver_version = self._lib.driver_version()
+                    with self._lock:
+                        self._stale, self._nvml_up = False, True
+                    log.info("NVML initialised again", extra={"driver_version": self._driver_version})
+                    return
+                except NvmlError as e:
+                    self._count_error(e.function, e.code)
+                    self.last_init_error = str(e)
+                    log.warning("NVML went away (driver reload?); re-initialising",
+                                extra={"error": str(e), "retry_in_s": delay})
+                    try:
+                        self._lib.shutdown()  # (where init worked and the driver version did not)
+                    except NvmlError as e2:
+                        self._count_error(e2.function, e2.code)
             if self._stop.wait(delay):
                 return
             delay = min(delay * 2, max_delay)
-        else:
-            return
-        log.info("NVML initialised again", extra={"driver_version": self._driver_version})
-        with self._lock:
-            self._stale = False
-            self._nvml_up = True
 
     def _went_stale(self) -> None:
         with self._lock:
@@ -823,6 +824,8 @@ class Collector:
         """(healthy, status line for systemd): unhealthy while a driver call has hung over max_hang."""
         now = self._clock()
         with self._lock:
+            if self._released_all:
+                return True, "NVML released on the node agent's request (a GPU reset)"
             if not self._nvml_up:
                 return True, f"waiting for NVML ({self.last_init_error or 'not tried yet'})"
             hung = [g.index for g in self._gpus if g.read_started is not None and now - g.read_started > max_hang]
