@@ -90,6 +90,16 @@ STANDIN = textwrap.dedent('''\
         sys.exit(int(read("systemctl_rc." + args[0], "0")))
     elif prog == "nvml-exporter":
         sys.stdout.write(read("diagnose.json"))
+    elif prog == "kubectl" and read("stateful") and args[:1] in (["cordon"], ["uncordon"]):
+        write("unschedulable." + args[1], "true" if args[0] == "cordon" else "false")
+    elif prog == "kubectl" and read("stateful") and args[:1] == ["annotate"]:
+        write("annotation." + args[3], args[4].split("=", 1)[1])
+    elif prog == "kubectl" and read("stateful") and args[:2] == ["get", "node"]:
+        asked = args[-1]
+        if "annotations" in asked:
+            sys.stdout.write(read("annotation." + args[2]))
+        else:
+            sys.stdout.write(read("unschedulable." + args[2], "false"))
     elif prog == "kubectl" and args[:2] == ["get", "node"]:
         sys.stdout.write(read("unschedulable", "true"))
 ''')

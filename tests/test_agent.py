@@ -103,10 +103,11 @@ def alertmanager_pair(directory: Path, webhook: str, token_file: Path) -> Iterat
         yield apis
 
 
-def write_policy(directory: Path, socket: Path, *, reboot: bool = False, resume: bool = True) -> None:
+def write_policy(directory: Path, socket: Path, *, reboot: bool = False, resume: bool = True,
+                 scheduler: str = "slurm") -> None:
     b = directory / "bin"
     (directory / "policy.yml").write_text(f"""\
-scheduler: slurm
+scheduler: {scheduler}
 node_label: instance
 commands: {{scontrol: {b}/scontrol, kubectl: {b}/kubectl, nvidia_smi: {b}/nvidia-smi, systemctl: {b}/systemctl,
            logger: {b}/logger, nvml_exporter: {b}/nvml-exporter}}
@@ -128,7 +129,7 @@ rules:
 
 @pytest.fixture
 def fleet(tmp_path: Path, start_exporter, request: pytest.FixtureRequest) -> Iterator[Fleet]:
-    execute = request.param if hasattr(request, "param") else True
+    execute, scheduler = request.param if hasattr(request, "param") else (True, "slurm")
     make_standins(tmp_path)
     fake = FakeNvml(tmp_path / "nvml", h100_node(2))
     sock = tmp_path / "run" / "control.sock"
@@ -140,7 +141,7 @@ def fleet(tmp_path: Path, start_exporter, request: pytest.FixtureRequest) -> Ite
     diag = tmp_path / "bin" / "nvml-exporter"
     diag.write_text(f"#!/bin/sh\ncd {REPO}\nexec env {env} {sys.executable} -m nvml_exporter \"$@\"\n")
     diag.chmod(0o755)
-    write_policy(tmp_path, sock)
+    write_policy(tmp_path, sock, scheduler=scheduler)
     st = tmp_path / "standin"
     (st / "stateful").write_text("1")
     (st / "state.node-a").write_text("ALLOCATED")  # a job runs until the central remediator drains
@@ -164,6 +165,19 @@ def fleet(tmp_path: Path, start_exporter, request: pytest.FixtureRequest) -> Ite
 
 def resets(f: Fleet) -> list[list[str]]:
     return [c for c in calls(f.directory, "nvidia-smi") if "--gpu-reset" in c]
+
+
+@pytest.mark.parametrize("fleet", [(True, "kubernetes")], indirect=True)
+def test_execute_on_kubernetes_cordon_reset_uncordon(fleet: Fleet) -> None:
+    f = fleet
+    f.agent("node-a", "--execute")
+    f.agent("node-b", "--execute")
+    f.fire("node-a")
+    wait_for(lambda: f.steps("node-a").get("resume_node") == "ok", timeout=90)
+    acted = [c[1:3] for c in calls(f.directory, "kubectl") if c[1] in ("cordon", "uncordon", "annotate")]
+    assert acted == [["cordon", "node-a"], ["annotate", "--overwrite"], ["uncordon", "node-a"]]
+    assert resets(f) == [["nvidia-smi", "--gpu-reset", "-i", f.uuid]]
+    assert not [c for c in calls(f.directory) if "node-b" in " ".join(c)]
 
 
 def test_execute_xid79_drain_release_reset_confirm_restore_resume(fleet: Fleet) -> None:
@@ -205,7 +219,7 @@ def test_execute_xid79_drain_release_reset_confirm_restore_resume(fleet: Fleet) 
     assert len(resets(f)) == 1 and len([r for r in f.audit("node-a") if r["event"] == "queued"]) == 1
 
 
-@pytest.mark.parametrize("fleet", [False], indirect=True)
+@pytest.mark.parametrize("fleet", [(False, "slurm")], indirect=True)
 def test_dry_run_end_to_end_changes_nothing(fleet: Fleet) -> None:
     f = fleet
     f.agent("node-a")
