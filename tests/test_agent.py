@@ -304,6 +304,10 @@ def test_agent_refuses_bad_flags(tmp_path: Path) -> None:
                        ([], "required")):
         r = subprocess.run([*base, *extra], capture_output=True, text=True, env=env, timeout=30)
         assert r.returncode == 2 and why in r.stderr, r.stderr
+    port = free_port()  # nothing listens there
+    r = subprocess.run([*base, f"--alertmanager.url=http://127.0.0.1:{port}", "--once", "--node=node-a"],
+                       capture_output=True, text=True, env=env, timeout=60)
+    assert r.returncode == 1 and "no Alertmanager answered" in r.stderr, r.stderr
     (tmp_path / "policy.yml").write_text((tmp_path / "policy.yml").read_text().split("node_agent:")[0] +
                                          "rules:\n  - name: x\n    steps: [log]\n")
     r = subprocess.run([*base, "--alertmanager.url=http://127.0.0.1:1"], capture_output=True, text=True, env=env,

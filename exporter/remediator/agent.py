@@ -377,7 +377,8 @@ def serve_agent(argv: Sequence[str]) -> int:
     p.add_argument("--audit.log", dest="audit_log", default=DEFAULT_STORAGE + "/audit.jsonl")
     p.add_argument("--storage.path", dest="storage", default=DEFAULT_STORAGE)
     p.add_argument("--execute", action="store_true", help="really run actions (default: dry run, log only)")
-    p.add_argument("--once", action="store_true", help="pull once, run what is due, and exit (for testing)")
+    p.add_argument("--once", action="store_true",
+                   help="pull once, run what is due and exit: 1 if no Alertmanager answered (for cron or a test)")
     p.add_argument("--log.level", dest="log_level", choices=sorted(logs.LEVELS), default="info")
     p.add_argument("--log.format", dest="log_format", choices=("logfmt", "json"), default="logfmt")
     args = p.parse_args(argv)
@@ -434,11 +435,13 @@ def serve_agent(argv: Sequence[str]) -> int:
         p.error(f"cannot write state: {e}")
     log.info("agent started", extra={"node": args.node, "execute": args.execute, "alertmanagers": len(source.urls)})
     seen: set[tuple[str, str]] = set()
+    rc = 0
     try:
         while not stopping.is_set():
-            poll(source, engine, seen)
+            queued = poll(source, engine, seen)
             if args.once:
                 engine_idle(engine, stopping)
+                rc = 1 if queued < 0 else 0
                 break
             stopping.wait(args.interval)
     finally:
@@ -448,18 +451,19 @@ def serve_agent(argv: Sequence[str]) -> int:
             audit.write("stopped", role="agent")
         except StorageError as e:
             log.error("cannot write the audit log on the way out", extra={"error": str(e)})
-    return 0
+    return rc
 
 
 def poll(source: AlertmanagerSource, engine: Engine, seen: set[tuple[str, str]]) -> int:
-    """One pull: queue what is new. An alert is planned (and audited) once per process: `seen` holds the
-    (fingerprint, startsAt) of those planned already, since a firing alert is pulled again every
-    interval; the store's keys make it run once across restarts too."""
+    """One pull: queue what is new; how many were queued, -1 when no Alertmanager answered. An alert is
+    planned (and audited) once per process: `seen` holds the (fingerprint, startsAt) of those planned
+    already, since a firing alert is pulled again every interval; the store's keys make it run once
+    across restarts too."""
     try:
         alerts, errors = source.fetch()
     except SourceError as e:
         log.error("no Alertmanager answered", extra={"error": str(e)})
-        return 0
+        return -1
     for url, why in errors.items():
         log.warning("an Alertmanager did not answer; using the others", extra={"url": url, "error": why})
     new = [a for a in alerts if (str(a.get("fingerprint", "")), str(a.get("startsAt", ""))) not in seen]
