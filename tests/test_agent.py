@@ -348,3 +348,56 @@ def test_agent_restarted_after_dying_mid_reset_restores_holders_and_exporter(fle
     assert control.request(str(f.socket), "status") == "released=none"
     assert not (state / "reset-in-progress.json").exists()
     wait_for(lambda: samples(f.exporter.metrics()).get(f'nvidia_gpu_up{{gpu="0",uuid="{f.uuid}"}}') == 1)
+
+
+def test_source_over_tls_with_a_bearer_token_and_one_alertmanager_down(tmp_path: Path) -> None:
+    """An Alertmanager behind TLS and a bearer token (e.g. a reverse proxy), its peer down: the alerts of
+    the one that answers, with the query the agent sends."""
+    import http.server
+    import ssl
+    import threading
+
+    from nvml_exporter.remediator.agent import SourceError
+    from tests.test_http_security import make_cert
+
+    cert, key = make_cert(tmp_path)
+    seen: list[tuple[str, str]] = []
+    alerts = [{"labels": {"alertname": "GpuXidFellOffBus", "instance": "node-a:9400"}, "fingerprint": "ab12",
+               "startsAt": "2026-12-02T04:00:00.000Z", "status": {"state": "active"}}]
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            seen.append((self.path, self.headers.get("Authorization", "")))
+            ok = self.headers.get("Authorization") == "Bearer s3cret-token-0123456789"
+            body = json.dumps(alerts if ok else {"error": "no"}).encode()
+            self.send_response(200 if ok else 401)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(cert, key)
+    server.socket = ctx.wrap_socket(server.socket, server_side=True)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        up = f"https://127.0.0.1:{server.server_address[1]}"
+        down = f"https://127.0.0.1:{free_port()}"
+        source = AlertmanagerSource([down, up], "instance", "node-a", token="s3cret-token-0123456789",
+                                    ca_file=str(cert))
+        got, errors = source.fetch()
+        assert got == alerts and list(errors) == [down]
+        path, auth = seen[-1]
+        assert path.startswith("/api/v2/alerts?filter=instance%3D~%22node-a%28%3A%5B0-9%5D%2B%29%3F%22&active=true")
+        assert auth == "Bearer s3cret-token-0123456789"
+        wrong = AlertmanagerSource([up], "instance", "node-a", token="wrong", ca_file=str(cert))
+        with pytest.raises(SourceError, match="HTTP 401"):
+            wrong.fetch()
+        untrusted = AlertmanagerSource([up], "instance", "node-a", token="s3cret-token-0123456789")
+        with pytest.raises(SourceError, match=r"CERTIFICATE_VERIFY_FAILED|certificate verify failed"):
+            untrusted.fetch()
+    finally:
+        server.shutdown()
