@@ -122,8 +122,10 @@ def node() -> dict:
     panels = [
         row("Health"),
         panel("table", "GPUs", [(f"nvidia_gpu_info{{{s}}}", "")], w=24, h=6),
-        panel("timeseries", "Up (released: let go for a GPU reset)",
-              [(f"nvidia_gpu_up{{{s}}}", "GPU {{gpu}}"), (f"nvidia_gpu_released{{{s}}}", "GPU {{gpu}} released")], w=8),
+        # -1 while the exporter let go of the GPU for a reset (nvidia_gpu_released), which is not a fault
+        panel("timeseries", "Up (1 up, 0 down, -1 released for a GPU reset)",
+              [(f"nvidia_gpu_up{{{s}}} - (nvidia_gpu_released{{{s}}} or 0 * nvidia_gpu_up{{{s}}})", "GPU {{gpu}}")],
+              w=8),
         panel("timeseries", "Health by check (0 ok, 1 warning, 2 critical)",
               [(f"nvidia_gpu_health{{{s}}}", "GPU {{gpu}} {{check}}")], w=8),
         panel("table", "Recommended action", [(f"nvidia_gpu_recommended_action{{{s}}} == 1", "")], w=8),
