@@ -28,7 +28,7 @@ $(FAKE): tests/fakenvml/fakenvml.c | deps
 	$(CC) $(CFLAGS_FAKE) -o $@ $< -lpthread
 
 lint: venv
-	$(BIN)/ruff check exporter tests dashboards bench
+	$(BIN)/ruff check exporter tests dashboards bench rules
 
 test: deps venv fakenvml lint
 	$(BIN)/python -m pytest -q
@@ -90,6 +90,7 @@ docs: venv
 	$(BIN)/python -m nvml_exporter.metrics > docs/metrics.md
 	$(BIN)/python -m nvml_exporter.xid > docs/xid-catalog.md
 	$(BIN)/python dashboards/generate.py
+	$(BIN)/python rules/generate.py
 
 clean:
 	rm -rf build dist $(VENV)

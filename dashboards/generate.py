@@ -122,6 +122,9 @@ def node() -> dict:
     panels = [
         row("Health"),
         panel("table", "GPUs", [(f"nvidia_gpu_info{{{s}}}", "")], w=24, h=6),
+        panel("table", "Workloads on each GPU", [(f"nvidia_gpu_workload_info{{{s}}}", "")], w=24, h=6,
+              description="Slurm jobs and pods on each GPU, with --collect.workload.* (docs/workloads.md); "
+                          "empty without a workload source."),
         # -1 while the exporter let go of the GPU for a reset (nvidia_gpu_released), which is not a fault
         panel("timeseries", "Up (1 up, 0 down, -1 released for a GPU reset)",
               [(f"nvidia_gpu_up{{{s}}} - (nvidia_gpu_released{{{s}}} or 0 * nvidia_gpu_up{{{s}}})", "GPU {{gpu}}")],
@@ -217,6 +220,10 @@ def node() -> dict:
                 "GPU {{gpu}}")], unit="s", w=8),
         panel("timeseries", "NVSwitch SXids",
               [(f"nvidia_nvswitch_sxid_errors_total{{{NODE}}}", "{{instance}} {{pci}} SXid {{sxid}}")], w=8),
+        panel("timeseries", "Time since the last SXid",
+              [(f"time() - nvidia_nvswitch_sxid_last_timestamp_seconds{{{NODE}}}",
+                "{{instance}} {{pci}} SXid {{sxid}}")],
+              unit="s", w=8),
         row("Exporter"),
         panel("timeseries", "Collection time per GPU", [(f"nvml_exporter_collect_duration_seconds{{{NODE}}}",
                                                          "{{instance}} GPU {{gpu}}")], unit="s", w=6),
@@ -231,6 +238,11 @@ def node() -> dict:
                (f"time() - nvml_exporter_last_collect_timestamp_seconds{{{NODE}}}", "seconds since collection"),
                (f"nvml_exporter_build_info{{{NODE}}}", "{{version}}"),
                (f"sum(nvml_exporter_invalid_readings_total{{{NODE}}}) or vector(0)", "invalid readings")], w=6),
+        panel("timeseries", "Workload sources: failed reads and dropped workloads",
+              [(f"increase(nvml_exporter_workload_refresh_errors_total{{{NODE}}}[$__rate_interval])",
+                "{{instance}} {{source}} failed"),
+               (f"increase(nvml_exporter_workloads_dropped_total{{{NODE}}}[$__rate_interval])",
+                "{{instance}} dropped (over 16 on a GPU)")], w=12),
     ]
     variables = [datasource_var(), query_var("instance", "label_values(nvidia_gpu_up, instance)", "Node"),
                  query_var("gpu", 'label_values(nvidia_gpu_up{instance=~"$instance"}, gpu)', "GPU")]
@@ -271,6 +283,12 @@ def reliability() -> dict:
               unit="s", w=12,
               description="From the GPUs' incident histories (fatal Xids coalesced into incidents, across reboots): "
                           "the measured time between incidents of one GPU, beside the model's lambda above."),
+        panel("timeseries", "Measured incidents per GPU-hour, by model (30d)",
+              [("model:nvidia_gpu_incident_rate_per_gpu_hour:30d", "{{name}}")], w=12,
+              description="Recorded from the incident histories: incidents (not raw Xids) per GPU-hour of each "
+                          "GPU model; compare with lambda, which counts critical Xids."),
+        panel("stat", "Median time between a GPU's incidents (30d, recorded)",
+              [("fleet:nvidia_gpu_incident_interval_seconds:median30d", "median")], unit="s", w=12),
     ]
     variables = [datasource_var(), textbox("N", "1024", "Job GPUs (N)"), textbox("T", "24", "Job hours (T)"),
                  textbox("C", "0.05", "Checkpoint hours (C)")]

@@ -21,6 +21,7 @@ from .history import BOOT_ID_PATH, History, HistoryError
 from .nvml import Library
 from .server import App, Server
 from .webconfig import parse_listen_address
+from .workload import wiring
 
 log = logging.getLogger("nvml_exporter")
 
@@ -95,6 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="serve every NVLink link's state and error counters; by default only links that are or "
                         "were down or counted errors since the exporter started (the per-GPU totals are always "
                         "served)")
+    add_workload_flags(p)
     p.add_argument("--nvml.library", dest="library", metavar="PATH",
                    help="load this libnvidia-ml.so.1 instead of the one the dynamic linker finds")
     p.add_argument("--xid.journal", dest="journal", action=argparse.BooleanOptionalAction, default=True,
@@ -120,6 +122,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log.format", dest="log_format", choices=("logfmt", "json"), default="logfmt")
     p.add_argument("--version", action="version", version=f"nvml-exporter {__version__}")
     return p
+
+
+def add_workload_flags(p: argparse.ArgumentParser) -> None:
+    """nvidia_gpu_workload_info's sources (docs/workloads.md); shared with `nvml-exporter diagnose`."""
+    p.add_argument("--collect.workload.slurm-dir", dest="workload_slurm_dir", metavar="DIR",
+                   help="Slurm job-mapping files, a file per GPU named by index or UUID (default off)")
+    p.add_argument("--collect.workload.kubelet-socket", dest="workload_kubelet_socket", metavar="PATH",
+                   help="kubelet pod-resources socket, usually /var/lib/kubelet/pod-resources/kubelet.sock "
+                        "(default off)")
+    p.add_argument("--collect.workload.processes", dest="workload_processes", action="store_true",
+                   help="attribute the GPUs' compute processes to Slurm jobs and pods through /proc (default off)")
+    p.add_argument("--collect.workload.interval", dest="workload_interval", type=duration, default=5.0,
+                   metavar="DURATION", help="how often the kubelet and the process list are read (default 5s; "
+                   "the Slurm directory is looked at every second, and read when it changed)")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -150,6 +166,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     collector = Collector(Library(args.library), min_interval=args.min_interval,
                           slow_interval=args.slow_interval, journal=args.journal, journal_path=args.journal_path,
                           nvlink_per_link=args.nvlink_per_link, history=history)
+    workloads = wiring.build(collector, slurm_dir=args.workload_slurm_dir,
+                             kubelet_socket=args.workload_kubelet_socket, processes=args.workload_processes,
+                             interval=args.workload_interval)
     app = App(collect=collector.collect, ready=collector.initialised.is_set, web=web, build=BuildInfo.detect(),
               telemetry_path=args.path, collect_timeout=args.timeout, collect_into=collector.collect_into)
     host, port = args.listen
@@ -194,6 +213,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         collector.start()
         if ctl is not None:
             ctl.start()
+        if workloads is not None:
+            workloads.start()
         threading.Thread(target=_freeze_startup_objects, args=(collector,), name="gc-freeze", daemon=True).start()
         log.info("listening", extra={"address": f"{host or '*'}:{server.server_address[1]}",
                                       "tls": web.ssl_context is not None, "version": __version__,
@@ -207,6 +228,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             watchdog.stop()
         if ctl is not None:
             ctl.stop()
+        if workloads is not None:
+            workloads.stop()
         collector.stop()
         server.server_close()
         if history is not None:

@@ -39,6 +39,7 @@ from .metrics import BY_NAME
 from .nvml import GpuLost, GpuReader, Library, NvmlError, NvmlStale, error_name
 from .snapshot import Deliver, ExporterState, GpuIdentity, GpuSnapshot, Snapshot, Values
 from .sparse import NvlinkTotals, Reveal, ZeroFirst
+from .workload import Tracker
 from .xid import DAY
 from .xidstore import XidEvent, XidStore
 
@@ -204,8 +205,10 @@ class Collector:
         clock: Callable[[], float] = time.monotonic,
         wall: Callable[[], float] = time.time,
         history: History | None = None,
+        workloads: Tracker | None = None,
     ):
         self._lib = library
+        self.workloads = workloads  # nvidia_gpu_workload_info, read by its own threads (exporter/workload)
         self._min_interval = min_interval
         self._slow_interval = slow_interval
         self._rediscover_interval = rediscover_interval
@@ -817,6 +820,8 @@ class Collector:
                 last_collect_timestamp=self._wall(),
                 journal_up=self._journal_up(),
                 sxids=self.xids.sxids(),
+                workloads_dropped=None if self.workloads is None else self.workloads.dropped,
+                workload_errors={} if self.workloads is None else self.workloads.errors_total(),
             )
         return Snapshot(gpus=gpus, state=state, taken_at=self._clock())
 
@@ -872,6 +877,8 @@ class Collector:
         for name, count in sorted(self.xids.events(uuid).items()):
             values.setdefault("nvidia_gpu_nvml_events_total", {})[(name,)] = float(count)
         values.update(d.series)
+        if self.workloads is not None and (workloads := self.workloads.series(g.identity)):
+            values["nvidia_gpu_workload_info"] = workloads
         if self._sparse:
             reveal = self._reveals.get(uuid)
             if reveal is None:

@@ -12,16 +12,19 @@ import os
 import socket
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import datetime, timezone
 from typing import Any
 
+from .cli import add_workload_flags
 from .collector import Collector
 from .diagnosis import STATUS_VALUE, Check
 from .history import History, HistoryError, default_path, row_dict
 from .kernlog import xid_fields
 from .nvml import Library
 from .snapshot import GpuSnapshot, Snapshot
+from .workload import Tracker, wiring
+from .workload.processes import Processes
 from .xid import ACTIONS, SEVERITIES, lookup
 from .xidstore import XidEvent
 
@@ -80,7 +83,9 @@ def _readings(g: GpuSnapshot) -> dict[str, Any]:
 
 def report(snap: Snapshot, history: dict[str, tuple[XidEvent, ...]],
            unresolved: Sequence[tuple[str, XidEvent]], error: str = "",
-           incidents: History | None = None) -> dict[str, Any]:
+           incidents: History | None = None,
+           attribution: Mapping[str, dict[str, Any]] | None = None) -> dict[str, Any]:
+    """`attribution`: uuid -> {"workloads": [...], "processes": [...]} (exporter/workload), merged into each GPU."""
     gpus = []
     worst = "ok" if snap.gpus else "unknown"
     action = "none"
@@ -96,6 +101,7 @@ def report(snap: Snapshot, history: dict[str, tuple[XidEvent, ...]],
             "readings": _readings(g),
             "xids": [_xid(e) for e in history.get(g.identity.uuid, ())],
             "checks": [{"name": c.name, "status": c.status, "reason": c.reason, "action": c.action} for c in checks],
+            **(attribution or {}).get(g.identity.uuid, {}),
         })
         if incidents is not None:
             gpus[-1]["history"] = [row_dict(r) for r in incidents.rows(g.identity.uuid)]
@@ -158,6 +164,7 @@ def render_text(doc: dict[str, Any]) -> str:
             lines.append(f"  history       {len(g['history'])} event(s) kept across restarts and reboots"
                          + (":" if g["history"] else ""))
             lines.extend(render_events(g["history"], "    "))
+        lines.extend(_workload_lines(g))
         lines.append(f"  verdict       {g['status'].upper()} -> {g['action']}")
         lines.extend(f"    {c['name']:<15} {c['status']:<8} {c['reason']} -> {c['action']}"
                      for c in g["checks"] if c["status"] != "ok")
@@ -174,6 +181,32 @@ def _xid_lines(xids: list[dict[str, Any]]) -> list[str]:
         return ["  xids          none this boot"]
     return [f"  xid           {x['code']} {x['name']} ({x['category']}, {x['severity']} -> {x['action']}) "
             f"at {x['time']} via {x['source']}" + (f": {x['message']}" if x["message"] else "") for x in xids]
+
+
+def _workload_lines(g: dict[str, Any]) -> list[str]:
+    if "workloads" not in g:
+        return []  # no workload source asked for
+    lines = [f"  workload      {w['workload_id']} ({w['source']}"
+             + "".join(f", {k}={v}" for k, v in sorted(w["labels"].items())) + ")" for w in g["workloads"]]
+    lines.extend(f"  process       pid {p['pid']}, {_n(p['used_memory_bytes'])} bytes, "
+                 f"workload {p['workload_id'] or 'unknown'}" for p in g.get("processes", []))
+    return lines or ["  workload      none"]
+
+
+def attribution(tracker: Tracker, gpus: Sequence[GpuSnapshot]) -> dict[str, dict[str, Any]]:
+    """Each GPU's workloads (and processes, where that source is on), read once, for the report."""
+    tracker.refresh_all()
+    procs = next((s.processes for s in tracker.sources if isinstance(s, Processes)), None)
+    out: dict[str, dict[str, Any]] = {}
+    for g in gpus:
+        doc: dict[str, Any] = {"workloads": [{"workload_id": w.workload_id, "source": w.source,
+                                              "labels": dict(w.labels)} for w in tracker.workloads(g.identity)]}
+        if procs is not None:
+            doc["processes"] = [{"pid": p.pid, "used_memory_bytes": p.used_memory_bytes,
+                                 "workload_id": p.workload.workload_id if p.workload else None}
+                                for p in procs.get(g.identity.uuid, ())]
+        out[g.identity.uuid] = doc
+    return out
 
 
 def _n(v: float | None) -> str:
@@ -195,6 +228,7 @@ def main(argv: Sequence[str]) -> int:
                    help=f"the exporter's incident history, read only (default {default_path()} where it exists; "
                         "'' for none)")
     p.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for NVML and the journal")
+    add_workload_flags(p)
     args = p.parse_args(argv)
     assert set(EXIT) >= set(SEVERITIES) - {"info"}
 
@@ -217,11 +251,14 @@ def main(argv: Sequence[str]) -> int:
     if args.journal:
         collector.wait_journal(args.timeout)
     snap = collector.collect(args.timeout)
+    tracker = wiring.build(collector, slurm_dir=args.workload_slurm_dir, kubelet_socket=args.workload_kubelet_socket,
+                           processes=args.workload_processes, interval=args.workload_interval)
+    attributed = attribution(tracker, snap.gpus) if tracker is not None else None
     collector.stop()
     if not error and not snap.gpus:
         error = "NVML sees no GPU"
     history = {g.identity.uuid: collector.xids.history(g.identity.uuid) for g in snap.gpus if g.identity.uuid}
-    doc = report(snap, history, collector.xids.unresolved(), error, incidents)
+    doc = report(snap, history, collector.xids.unresolved(), error, incidents, attributed)
     if incidents is not None:
         incidents.close()
     sys.stdout.write(json.dumps(doc, indent=2) + "\n" if args.json else render_text(doc))

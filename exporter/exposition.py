@@ -52,8 +52,8 @@ def _gpu_labels(index: int, uuid: str) -> str:
 
 @lru_cache(maxsize=16384)
 def _extra_labels(metric: str, values: tuple[str, ...]) -> str:
-    names = BY_NAME[metric].labels
-    return "".join(f',{n}="{escape(v)}"' for n, v in zip(names, values, strict=True))
+    m = BY_NAME[metric]
+    return "".join(f',{n}="{escape(v)}"' for n, v in zip(m.labels, values, strict=True) if v or not m.optional_labels)
 
 
 @lru_cache(maxsize=2048)  # the series of families that change from scrape to scrape
@@ -123,10 +123,16 @@ def _exporter_samples(metric: Metric, snap: Snapshot, build: BuildInfo) -> Itera
             series = [((m,), float(n)) for m, n in sorted(s.invalid_readings.items())]
         case "nvml_exporter_journal_up":
             series = [] if s.journal_up is None else [((), 1.0 if s.journal_up else 0.0)]
+        case "nvml_exporter_workloads_dropped_total":
+            series = [] if s.workloads_dropped is None else [((), float(s.workloads_dropped))]
+        case "nvml_exporter_workload_refresh_errors_total":
+            series = [((source,), float(n)) for source, n in sorted(s.workload_errors.items())]
         case "nvml_exporter_last_collect_timestamp_seconds":
             series = [((), s.last_collect_timestamp)] if s.last_collect_timestamp else []
         case "nvidia_nvswitch_sxid_errors_total":
-            series = [(key, float(n)) for key, n in sorted(s.sxids.items())]
+            series = [(key, float(n)) for key, (n, _) in sorted(s.sxids.items())]
+        case "nvidia_nvswitch_sxid_last_timestamp_seconds":  # alerts on recency: a count seen at start is old
+            series = [(key, last) for key, (_, last) in sorted(s.sxids.items()) if last]
         case _:
             raise KeyError(metric.name)
     for labels, v in series:

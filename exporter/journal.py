@@ -139,7 +139,7 @@ class JournalFollower:
         assert line.pci is not None
         pci = pci_text(line.pci)
         if line.kind == "sxid":
-            self._store.record_sxid(pci, line.code)
+            self._store.record_sxid(pci, line.code, ts)
             return
         uuid = self._resolve(line.pci)
         event = XidEvent(uuid or "", line.code, ts, "journal", line.text, line.fields.get("gpu_instance", ""))

@@ -9,6 +9,8 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass
 
+from .workload import LABELS as WORKLOAD_LABELS
+
 GAUGE = "gauge"
 COUNTER = "counter"
 HISTOGRAM = "histogram"  # labels ("le",); its values are keyed by the bound, "sum" and "count"
@@ -31,6 +33,8 @@ class Metric:
     # Series per GPU this family may serve on a healthy node (the `make demo` page); per node for the
     # families without a `gpu` label. tests/test_cardinality.py holds the demo page to these.
     budget: int = 1
+    # Labels whose value is empty are left out of the series (the workload labels other sources fill).
+    optional_labels: bool = False
 
 
 RATIO = (0.0, 1.0)
@@ -141,6 +145,11 @@ GPU_METRICS: tuple[Metric, ...] = (
            source="field 230 GET_GPU_RECOVERY_ACTION", valid=(0.0, 255.0)),
     Metric("nvidia_gpu_compute_processes", GAUGE, "Compute processes running on the GPU.",
            source="nvmlDeviceGetComputeRunningProcesses", valid=NON_NEGATIVE),
+    Metric("nvidia_gpu_workload_info", GAUGE,
+           "A workload (Slurm job, Kubernetes pod) on the GPU; always 1. Labels the source does not know are "
+           "left out; join on uuid (docs/workloads.md).",
+           WORKLOAD_LABELS, "--collect.workload.*: Slurm mapping files, kubelet pod-resources, NVML processes",
+           valid=(1.0, 1.0), optional_labels=True, budget=0),
     Metric("nvidia_gpu_xid_errors_total", COUNTER,
            "Xid errors since boot, from NVML events and the kernel journal (a new series is served at 0 first).",
            ("xid",), "NVML XidCriticalError events; kernel journal NVRM: Xid lines", valid=NON_NEGATIVE, budget=0),
@@ -182,11 +191,20 @@ EXPORTER_METRICS: tuple[Metric, ...] = (
     Metric("nvml_exporter_journal_up", GAUGE,
            "1 if the kernel journal is readable for Xid backfill, 0 if only NVML events are counted.",
            per_gpu=False),
+    Metric("nvml_exporter_workloads_dropped_total", COUNTER,
+           "Workloads not exported because their GPU already had 16 (each counted once while it lasts).",
+           per_gpu=False, budget=0),
+    Metric("nvml_exporter_workload_refresh_errors_total", COUNTER,
+           "Reads of a workload source that failed (the scrape is served with the last good reading).",
+           ("source",), per_gpu=False, budget=0),
     Metric("nvml_exporter_last_collect_timestamp_seconds", GAUGE,
            "Unix time of the last finished collection.", per_gpu=False),
     Metric("nvidia_nvswitch_sxid_errors_total", COUNTER,
            "NVSwitch SXid errors this boot, per NVSwitch (its PCI address), from the kernel journal.",
            ("pci", "sxid"), "kernel journal nvidia-nvswitchN: SXid lines", per_gpu=False, budget=0),
+    Metric("nvidia_nvswitch_sxid_last_timestamp_seconds", GAUGE,
+           "Unix time of the last SXid of this code on this NVSwitch (from the journal line's time).",
+           ("pci", "sxid"), "kernel journal nvidia-nvswitchN: SXid lines", per_gpu=False, valid=NON_NEGATIVE, budget=0),
 )
 
 ALL_METRICS: tuple[Metric, ...] = GPU_METRICS + EXPORTER_METRICS

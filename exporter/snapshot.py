@@ -56,7 +56,10 @@ class ExporterState:
     invalid_readings: Mapping[str, int] = field(default_factory=dict)
     last_collect_timestamp: float = 0.0
     journal_up: bool | None = None  # None until the journal has been tried
-    sxids: Mapping[tuple[str, str], int] = field(default_factory=dict)  # (NVSwitch PCI, SXid) -> count
+    # (NVSwitch PCI address, SXid) -> (count this boot, Unix time of the last one)
+    sxids: Mapping[tuple[str, str], tuple[int, float]] = field(default_factory=dict)
+    workloads_dropped: int | None = None  # None while no workload source is configured
+    workload_errors: Mapping[str, int] = field(default_factory=dict)  # source -> failed reads
 
 
 @dataclass(frozen=True)

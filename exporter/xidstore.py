@@ -70,14 +70,16 @@ class XidStore:
         self._gpus: dict[str, _Gpu] = {}
         # Xids for PCI addresses no GPU of ours answers for (a GPU lost before we could identify it)
         self._unresolved: deque[tuple[str, XidEvent]] = deque(maxlen=HISTORY_MAX)
-        self._sxids: dict[tuple[str, str], int] = {}  # (NVSwitch PCI address, SXid) -> count this boot
+        # (NVSwitch PCI address, SXid) -> (count this boot, Unix time of the last one)
+        self._sxids: dict[tuple[str, str], tuple[int, float]] = {}
 
-    def record_sxid(self, pci: str, code: int) -> None:
+    def record_sxid(self, pci: str, code: int, timestamp: float = 0.0) -> None:
         with self._lock:
             key = (pci, str(code))
-            self._sxids[key] = self._sxids.get(key, 0) + 1
+            count, last = self._sxids.get(key, (0, 0.0))
+            self._sxids[key] = (count + 1, max(last, timestamp))
 
-    def sxids(self) -> dict[tuple[str, str], int]:
+    def sxids(self) -> dict[tuple[str, str], tuple[int, float]]:
         with self._lock:
             return dict(self._sxids)
 

@@ -181,7 +181,10 @@ def test_every_metric_with_the_value_the_scenario_implies(fake: FakeNvml, start_
     assert missing == {"nvml_exporter_invalid_readings_total", "nvml_exporter_nvml_errors_total",
                        "nvml_exporter_collect_timeouts_total", "nvidia_gpu_released",
                        "nvidia_gpu_incidents_total", "nvidia_gpu_incident_interval_seconds",
-                       "nvidia_nvswitch_sxid_errors_total"}
+                       "nvidia_nvswitch_sxid_errors_total", "nvidia_nvswitch_sxid_last_timestamp_seconds",
+                       # only with a --collect.workload.* source (tests/test_workload_exporter.py)
+                       "nvidia_gpu_workload_info", "nvml_exporter_workloads_dropped_total",
+                       "nvml_exporter_workload_refresh_errors_total"}
     # GPU 3's throttling and pending remap show in its diagnosis
     uuid3 = state["gpu.3.uuid"]
     assert s[f'nvidia_gpu_health{{gpu="3",uuid="{uuid3}",check="thermal"}}'] == 2
@@ -204,8 +207,10 @@ def test_page_passes_promtool_and_prometheus_client_parser(fake: FakeNvml, start
     for m in GPU_METRICS:
         if m.name in ("nvidia_gpu_xid_errors_total", "nvidia_gpu_xid_last_timestamp_seconds",
                       "nvidia_gpu_nvml_events_total", "nvidia_gpu_incidents_total",
-                      "nvidia_gpu_incident_interval_seconds", "nvidia_gpu_released"):
-            continue  # only once an event arrived, with the incident history on, or released; covered elsewhere
+                      "nvidia_gpu_incident_interval_seconds", "nvidia_gpu_workload_info",
+                      "nvidia_gpu_released"):
+            continue  # only once an event arrived, with the incident history or a workload source on, or
+            # while released; covered elsewhere
         family = families.get(m.name.removesuffix("_total"))
         assert family is not None, m.name
         for sample in family.samples:

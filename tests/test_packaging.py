@@ -83,6 +83,7 @@ def test_package_metadata_and_files(deb: Path) -> None:
                  "./usr/share/prometheus-nvml-exporter/pynvml.py",
                  "./usr/share/prometheus-nvml-exporter/nvml_exporter/httpd/server.py",
                  "./usr/share/prometheus-nvml-exporter/rules/nvml-exporter-alerts.yml",
+                 "./usr/share/prometheus-nvml-exporter/rules/thanos/nvml-exporter-alerts.yml",
                  "./usr/share/prometheus-nvml-exporter/dashboards/nvml-exporter-node.json",
                  "./usr/share/doc/prometheus-nvml-exporter/docs/runbooks/GpuLost.md",
                  "./usr/share/man/man1/nvml-exporter.1.gz", "./usr/share/man/man1/nvml-remediator.1.gz",
@@ -93,8 +94,15 @@ def test_package_metadata_and_files(deb: Path) -> None:
                  "./usr/share/prometheus-nvml-exporter/nvml_exporter/control.py",
                  "./usr/share/doc/prometheus-nvml-exporter/examples/remediator.example.yml",
                  "./usr/share/doc/prometheus-nvml-exporter/examples/alertmanager.example.yml",
+                 "./usr/share/prometheus-nvml-exporter/nvml_exporter/workload/kubelet.py",
+                 "./usr/share/prometheus-nvml-exporter/nvml_exporter/workload/podresources/api_pb2.py",
+                 "./usr/share/prometheus-nvml-exporter/slurm/nvml-exporter-prolog",
+                 "./usr/share/prometheus-nvml-exporter/slurm/nvml-exporter-epilog",
+                 "./usr/share/prometheus-nvml-exporter/slurm/nvml-exporter-slurm-lib.sh",
+                 "./usr/share/doc/prometheus-nvml-exporter/docs/workloads.md",
                  "./usr/share/doc/prometheus-nvml-exporter/docs/remediation.md"):
         assert path in files, path
+    assert re.search(r"^ Recommends: .*python3-grpcio", info, re.M)
     # nothing in the aliased directories (/lib is /usr/lib on merged-/usr systems): trixie's lintian says
     # aliased-location, and dpkg could lose a file that moves between the two names
     paths = [line.split()[-1] for line in files.splitlines()]

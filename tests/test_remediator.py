@@ -4,6 +4,7 @@ nvidia-smi that record their argv."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -70,6 +71,23 @@ def test_drain_argv_audit_and_metrics(workdir: Path, remediators: list[Remediato
     for event in ("received", "matched", "queued"):
         assert r.events(event), event
     assert samples(r.metrics())['nvml_remediator_actions_total{action="drain_node",result="ok"}'] == 1
+
+
+def test_drain_reason_and_audit_name_the_jobs_on_the_gpu(workdir: Path, remediators: list[Remediator]) -> None:
+    """The alert's `workloads` annotation (docs/workloads.md) names the jobs; words that are not job ids
+    are left out and counted."""
+    policy(workdir, DRAIN_RULES)
+    r = run(workdir, remediators, "--execute")
+    a = alert()
+    a["annotations"]["workloads"] = "1003, 1004 ml/train-0 $(reboot)"
+    assert r.post(payload(a)) == (200, {"queued": 1, "skipped": {}})
+    wait_for(lambda: r.events("done"))
+    assert drains(workdir) == [["scontrol", "update", "NodeName=gpu-node-1", "State=DRAIN",
+                                f"Reason=nvml-remediator: GpuXidFellOffBus gpu=1 uuid={UUID1} fp=9385457bd1cc4094"
+                                " jobs=1003,1004,ml/train-0"]]
+    matched = r.events("matched")[0]
+    assert (matched["workloads"], matched["workloads_refused"]) == (["1003", "1004", "ml/train-0"], 1)
+    assert r.events("ran")[0]["workloads"] == r.events("done")[0]["workloads"] == ["1003", "1004", "ml/train-0"]
 
 
 def test_dry_run_logs_exactly_what_would_run(workdir: Path, remediators: list[Remediator]) -> None:
@@ -288,6 +306,40 @@ def test_checkpoint_signal_reaches_the_gpus_processes(workdir: Path, remediators
     finally:
         child.kill()
         child.wait()
+
+
+def test_checkpoint_signal_reaches_the_other_ranks_of_the_gpus_job(workdir: Path,
+                                                                    remediators: list[Remediator]) -> None:
+    """Job 1003 runs on GPU 1 and GPU 2; the alert is for GPU 1 and names the job (workloads annotation):
+    its rank on GPU 2 is signalled too, another job's process on GPU 2 is not."""
+    def sleeper(marker: Path, job: str) -> subprocess.Popen[bytes]:
+        code = ("import signal, time\n"
+                f"signal.signal(signal.SIGUSR1, lambda *a: open({str(marker)!r}, 'w').write('yes'))\n"
+                "time.sleep(30)")
+        return subprocess.Popen([sys.executable, "-c", code], env={**os.environ, "SLURM_JOB_ID": job})
+
+    rank0, rank1, other = workdir / "rank0", workdir / "rank1", workdir / "other"
+    procs = [sleeper(rank0, "1003"), sleeper(rank1, "1003"), sleeper(other, "2000")]
+    try:
+        time.sleep(0.3)
+        (workdir / "standin" / "apps").write_text(f"{procs[0].pid}, {UUID1}\n{procs[1].pid}, GPU-two\n"
+                                                  f"{procs[2].pid}, GPU-two\n")
+        policy(workdir, """\
+            - name: checkpoint
+              match: ['alertname="GpuXidFellOffBus"']
+              steps: [checkpoint_signal]
+            """)
+        r = run(workdir, remediators, "--execute")
+        a = alert()
+        a["annotations"]["workloads"] = "1003"
+        r.post(payload(a))
+        wait_for(lambda: rank0.exists() and rank1.exists())
+        assert f"sent SIGUSR1 to pids [{procs[0].pid}, {procs[1].pid}]" in r.events("ran")[0]["reason"]
+        assert not other.exists()
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
 
 
 def test_refuses_to_start_without_authentication(workdir: Path) -> None:

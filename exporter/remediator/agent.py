@@ -118,6 +118,7 @@ def as_payload(alerts: list[dict[str, Any]]) -> dict[str, Any]:
     for a in alerts:
         state = a.get("status", {}).get("state") if isinstance(a.get("status"), dict) else None
         out.append({"status": "firing" if state == "active" else "resolved", "labels": a.get("labels"),
+                    "annotations": a.get("annotations", {}),  # (the `workloads` one names the GPU's jobs)
                     "fingerprint": a.get("fingerprint", ""), "startsAt": a.get("startsAt", "")})
     return {"version": "4", "alerts": out}
 

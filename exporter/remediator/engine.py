@@ -14,10 +14,11 @@ import signal
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..workload.procfs import attribute
 from .policy import LOCAL_STEPS, REPEATABLE_STEPS, Policy, Step
 from .store import Audit, Job, StorageError, Store
 
@@ -29,6 +30,26 @@ UUID = re.compile(r"GPU-[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]
 SAFE = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
 FINGERPRINT = re.compile(r"[0-9a-f]{1,32}")
 LABEL_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
+# The jobs on the alert's GPU, from the alert's `workloads` annotation (docs/workloads.md): Slurm job ids,
+# namespace/pod. Anything else is left out of the drain reason and the audit.
+WORKLOAD = re.compile(r"[A-Za-z0-9_.:+/@-]{1,128}")
+MAX_WORKLOADS = 16
+
+
+def _job_of(pid: int) -> str | None:
+    w = attribute(pid)
+    return w.workload_id if w is not None else None
+
+
+def workloads_of(alert: Mapping[str, Any]) -> tuple[list[str], int]:
+    """(the valid workload ids of the alert's annotation, how many words were refused)."""
+    annotations = alert.get("annotations")
+    text = annotations.get("workloads", "") if isinstance(annotations, dict) else ""
+    words = [w for w in re.split(r"[\s,]+", str(text)) if w]
+    valid = [w for w in words if WORKLOAD.fullmatch(w)][:MAX_WORKLOADS]
+    return valid, len(words) - len(valid)
+
+
 OUTPUT_TAIL = 2000
 DEFAULT_COOLDOWNS = {"node": 600.0, "drain_node": 1800.0, "reset_gpu": 86400.0, "checkpoint_signal": 600.0}
 FAILED_OUTCOMES = frozenset({"failed", "timeout", "refused", "circuit_open", "interrupted"})
@@ -110,9 +131,11 @@ def plan(payload: Any, policy: Policy, audit: Audit) -> Verdicts:
             continue
         steps = [s.name for s in rule.steps]
         key = f"{fingerprint}|{starts}|{rule.name}"
-        audit.write("matched", rule=rule.name, steps=steps, node=node, key=key, **base)
+        workloads, refused = workloads_of(a)
+        audit.write("matched", rule=rule.name, steps=steps, node=node, key=key, workloads=workloads,
+                    **({"workloads_refused": refused} if refused else {}), **base)
         out.planned.append(Planned(key, node, rule.name, {"labels": labels, "fingerprint": fingerprint,
-                                                          "startsAt": starts}, steps))
+                                                          "startsAt": starts, "workloads": workloads}, steps))
     return out
 
 
@@ -295,6 +318,8 @@ class Engine:
     def _run_job(self, job: Job) -> None:
         labels = job.alert["labels"]
         base = {"key": job.key, "node": job.node, "rule": job.rule, "alertname": labels.get("alertname", "")}
+        if workloads := job.alert.get("workloads"):
+            base["workloads"] = workloads  # the jobs on the GPU, in every record of what was done to it
         if job.next_step == 0 and not self.store.step_started(job.key, 0):
             last = self.store.last_node_action(job.node, job.key)
             if last is not None and self._clock() - last < self.cooldowns["node"]:
@@ -392,6 +417,8 @@ class Engine:
         p, labels = self.policy, job.alert["labels"]
         reason = (f"{p.drain_prefix} {labels.get('alertname')} gpu={labels.get('gpu', '-')} "
                   f"uuid={labels.get('uuid', '-')} fp={job.alert['fingerprint']}")
+        if workloads := job.alert.get("workloads"):  # (absent from jobs queued by an older remediator)
+            reason += f" jobs={','.join(workloads)}"
         if p.scheduler == "slurm":
             plan = [[p.command("scontrol"), "update", f"NodeName={job.node}", "State=DRAIN", f"Reason={reason}"]]
         else:
@@ -416,14 +443,18 @@ class Engine:
     def _apps_query(self) -> list[str]:
         return [self.policy.command("nvidia_smi"), "--query-compute-apps=pid,gpu_uuid", "--format=csv,noheader"]
 
-    def _gpu_pids(self, uuid: str | None) -> tuple[Outcome, list[int]]:
+    def _gpu_pids(self, uuid: str | None, jobs: Sequence[str] = ()) -> tuple[Outcome, list[int]]:
+        """The compute processes on GPU `uuid` (every GPU if None), and those on other GPUs that /proc
+        names as one of `jobs` (the other ranks of the GPU's jobs: a checkpoint needs all of them)."""
         o = self._run(self._apps_query(), self.policy.timeout("checkpoint_signal"))
         if o.result != "ok":
             return o, []
         pids = []
         for line in o.output.splitlines():
             parts = [x.strip() for x in line.split(",")]
-            if len(parts) >= 2 and parts[0].isdigit() and (uuid is None or parts[1] == uuid):
+            if len(parts) < 2 or not parts[0].isdigit():
+                continue
+            if uuid is None or parts[1] == uuid or (jobs and _job_of(int(parts[0])) in jobs):
                 pids.append(int(parts[0]))
         return o, pids
 
@@ -432,7 +463,7 @@ class Engine:
         sig = signal.Signals(self.policy.checkpoint_signal).name
         if not self.execute:
             return Outcome("dry_run", [query], reason=f"dry run: would send {sig} to the processes on {uuid}")
-        o, pids = self._gpu_pids(uuid)
+        o, pids = self._gpu_pids(uuid, job.alert.get("workloads") or ())
         if o.result != "ok":
             return o
         sent, gone = [], []
