@@ -125,7 +125,10 @@ def node() -> dict:
         panel("table", "Workloads on each GPU", [(f"nvidia_gpu_workload_info{{{s}}}", "")], w=24, h=6,
               description="Slurm jobs and pods on each GPU, with --collect.workload.* (docs/workloads.md); "
                           "empty without a workload source."),
-        panel("timeseries", "Up", [(f"nvidia_gpu_up{{{s}}}", "GPU {{gpu}}")], w=8),
+        # -1 while the exporter let go of the GPU for a reset (nvidia_gpu_released), which is not a fault
+        panel("timeseries", "Up (1 up, 0 down, -1 released for a GPU reset)",
+              [(f"nvidia_gpu_up{{{s}}} - (nvidia_gpu_released{{{s}}} or 0 * nvidia_gpu_up{{{s}}})", "GPU {{gpu}}")],
+              w=8),
         panel("timeseries", "Health by check (0 ok, 1 warning, 2 critical)",
               [(f"nvidia_gpu_health{{{s}}}", "GPU {{gpu}} {{check}}")], w=8),
         panel("table", "Recommended action", [(f"nvidia_gpu_recommended_action{{{s}}} == 1", "")], w=8),

@@ -14,7 +14,7 @@ import threading
 from collections.abc import Sequence
 from typing import NoReturn
 
-from . import __version__, logs, sdnotify, webconfig
+from . import __version__, control, logs, sdnotify, webconfig
 from .collector import Collector
 from .exposition import BuildInfo
 from .history import BOOT_ID_PATH, History, HistoryError
@@ -109,6 +109,15 @@ def build_parser() -> argparse.ArgumentParser:
                         "otherwise none; '' turns it off")
     p.add_argument("--history.boot-id-path", dest="boot_id_path", default=BOOT_ID_PATH, metavar="PATH",
                    help=f"where this boot's id is read (default {BOOT_ID_PATH})")
+    p.add_argument("--control.socket", dest="control_socket", metavar="PATH",
+                   help="unix socket on which the node agent asks the exporter to release NVML for a GPU reset "
+                        "and to reacquire it (docs/remediation.md); default $RUNTIME_DIRECTORY/control.sock under "
+                        "systemd, otherwise off; '' turns it off")
+    p.add_argument("--control.group", dest="control_group", metavar="GROUP",
+                   help="group owning the control socket (mode 0660): the node agent's group")
+    p.add_argument("--control.allow-user", dest="control_users", action="append", default=[], metavar="USER",
+                   help="a user besides root and the exporter's own whose processes may use the control socket "
+                        "(checked with SO_PEERCRED); repeatable")
     p.add_argument("--log.level", dest="log_level", choices=sorted(logs.LEVELS), default="info")
     p.add_argument("--log.format", dest="log_format", choices=("logfmt", "json"), default="logfmt")
     p.add_argument("--version", action="version", version=f"nvml-exporter {__version__}")
@@ -173,6 +182,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"nvml-exporter: error: cannot listen on {host or '*'}:{port}: {e.strerror}", file=sys.stderr)
             return 1
 
+    control_path = control.default_path() if args.control_socket is None else args.control_socket
+    ctl: control.ControlServer | None = None
+    if control_path:
+        try:
+            ctl = control.ControlServer(control_path, collector.release, collector.reacquire, collector.released,
+                                        group=args.control_group,
+                                        allow_uids=control.resolve_users(args.control_users))
+        except control.ControlError as e:
+            server.server_close()
+            print(f"nvml-exporter: error: --control.socket: {e}", file=sys.stderr)
+            return 1
+
     stopping = threading.Event()
 
     def stop(signum: int, _frame: object) -> None:
@@ -190,6 +211,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     signal.signal(signal.SIGINT, stop)
     try:  # (from here on: a signal may arrive before serve_forever is reached)
         collector.start()
+        if ctl is not None:
+            ctl.start()
         if workloads is not None:
             workloads.start()
         threading.Thread(target=_freeze_startup_objects, args=(collector,), name="gc-freeze", daemon=True).start()
@@ -203,6 +226,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         if watchdog is not None:
             watchdog.stop()
+        if ctl is not None:
+            ctl.stop()
         if workloads is not None:
             workloads.stop()
         collector.stop()

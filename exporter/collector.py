@@ -36,7 +36,7 @@ from .events import EventWatcher
 from .history import History, HistoryError
 from .journal import JournalFollower, pci_key
 from .metrics import BY_NAME
-from .nvml import GpuLost, GpuReader, Library, NvmlError, error_name
+from .nvml import GpuLost, GpuReader, Library, NvmlError, NvmlStale, error_name
 from .snapshot import Deliver, ExporterState, GpuIdentity, GpuSnapshot, Snapshot, Values
 from .sparse import NvlinkTotals, Reveal, ZeroFirst
 from .workload import Tracker
@@ -232,6 +232,13 @@ class Collector:
         self._watchdog: threading.Thread | None = None
         self._stop = threading.Event()
         self._manager: threading.Thread | None = None
+        # Wakes the manager before its interval: a GPU went or came back (re-enumerate: indices move), NVML
+        # went stale (re-initialise), or the node agent asked the exporter to let go of NVML (release).
+        self._wake = threading.Event()
+        self._stale = False  # NVML must be shut down and initialised again (a driver reload)
+        self._nvml_lock = threading.RLock()  # init, shutdown and enumeration: one at a time
+        self._released: set[str] = set()  # GPUs (uuid) the node agent asked the exporter to let go of
+        self._released_all = False  # ... all of them: NVML is shut down
         self.initialised = threading.Event()  # NVML came up at least once (readiness)
         self.tried = threading.Event()  # the first init attempt finished, either way
         self.last_init_error = ""
@@ -240,7 +247,7 @@ class Collector:
         self._remaps: dict[str, tuple[object, ...]] = {}
         self._refreshed_at = float("-inf")
         self.xids = XidStore(clock=wall, sink=self._to_history if history else None)
-        self._prev: dict[int, tuple[GpuSnapshot, float]] = {}
+        self._prev: dict[str, tuple[GpuSnapshot, float]] = {}
         # Sparse families and NVLink per-link detail (sparse.py), per GPU UUID; off for a one-shot diagnosis.
         self._sparse = sparse
         self._nvlink_per_link = nvlink_per_link
@@ -306,14 +313,157 @@ class Collector:
             self._events.start()
             self._events.first_registration.wait(5.0)
         self.initialised.set()
-        while not self._stop.wait(self._rediscover_interval):
-            self._rediscover()
+        while not self._stop.is_set():
+            self._wake.wait(self._rediscover_interval)
+            self._wake.clear()
+            if self._stop.is_set():
+                return
+            if self._stale and not self._released_all:
+                self._reinitialise()
+            with self._nvml_lock:
+                if not self._released_all and not self._stale:  # (released: shut down until reacquire)
+                    self._rediscover()
+
+    def _reinitialise(self) -> None:
+        """NVML answered UNINITIALIZED or DRIVER_NOT_LOADED (a driver reload): every handle is stale. Shut
+        down and initialise again, with backoff, then attach every GPU anew by its UUID. The NVML lock is
+        held for each attempt, not across the waits: a release or reacquire is answered meanwhile."""
+        with self._nvml_lock:
+            with self._lock:
+                self._nvml_up = False
+                for g in self._gpus:
+                    g.reader, g.last, g.up = None, None, False
+            try:
+                self._lib.shutdown()
+            except NvmlError as e:  # the state it would free is gone already
+                self._count_error(e.function, e.code)
+        delay, max_delay = self._init_backoff
+        while True:
+            with self._nvml_lock:
+                if self._stop.is_set() or self._released_all or not self._stale:
+                    return  # (released, or a reacquire initialised it)
+                try:
+                    self._lib.init()
+                    self._driver_version = self._lib.driver_version()
+                    with self._lock:
+                        self._stale, self._nvml_up = False, True
+                    log.info("NVML initialised again", extra={"driver_version": self._driver_version})
+                    return
+                except NvmlError as e:
+                    self._count_error(e.function, e.code)
+                    self.last_init_error = str(e)
+                    log.warning("NVML went away (driver reload?); re-initialising",
+                                extra={"error": str(e), "retry_in_s": delay})
+                    try:
+                        self._lib.shutdown()  # (where init worked and the driver version did not)
+                    except NvmlError as e2:
+                        self._count_error(e2.function, e2.code)
+            if self._stop.wait(delay):
+                return
+            delay = min(delay * 2, max_delay)
+
+    def _went_stale(self) -> None:
+        with self._lock:
+            if not self._nvml_up:
+                return
+            self._nvml_up, self._stale = False, True
+        log.error("NVML went stale (driver reloaded or unloaded); re-initialising")
+        self._wake.set()
+
+    # -- release on the node agent's request (a GPU reset; control.py) ----------------------------
+    def release(self, uuid: str | None, timeout: float = 10.0) -> str:
+        """Let go of one GPU (its handle and event registration) or, with uuid None, of NVML altogether
+        (nvmlShutdown: the process then holds no device file, which a GPU reset requires). Returns what
+        was done; raises ReleaseError where it cannot be done safely (a driver call hangs)."""
+        with self._nvml_lock:
+            with self._lock:
+                known = {g.identity.uuid for g in self._gpus}
+                if uuid is not None and uuid not in known:
+                    raise ReleaseError(f"no GPU with uuid {uuid} on this node")
+                if uuid is None:
+                    self._released_all = True
+                else:
+                    self._released.add(uuid)
+            gpus = [g for g in self._gpus if uuid is None or g.identity.uuid == uuid]
+            try:
+                self._let_go_of(gpus, uuid is None, self._clock() + timeout)
+            except ReleaseError:  # nothing was released: back to reading, as before the request
+                with self._lock:
+                    if uuid is None:
+                        self._released_all = False
+                    else:
+                        self._released.discard(uuid)
+                if uuid is None and self._events is not None:
+                    self._events.resume(0)
+                raise
+            with self._lock:
+                for g in gpus:
+                    g.reader, g.last, g.up = None, None, False
+                self._last = None  # the next scrape says released, not a page from before
+            if uuid is None:
+                with self._lock:
+                    self._nvml_up = False
+                try:
+                    self._lib.shutdown()
+                except NvmlError as e:
+                    self._count_error(e.function, e.code)
+                log.warning("released NVML on the node agent's request")
+                return "released all (NVML shut down)"
+            log.warning("released a GPU on the node agent's request", extra={"uuid": uuid})
+            return f"released {uuid}"
+
+    def _let_go_of(self, gpus: list[_Gpu], everything: bool, deadline: float) -> None:
+        """Wait until no NVML call is in flight for these GPUs (and the event thread, for everything)."""
+        if everything and self._events is not None and not self._events.pause(max(0.0, deadline - self._clock())):
+            raise ReleaseError("the NVML event thread did not let go in time")
+        while any(g.read_started is not None for g in gpus):  # a read in flight finishes first
+            if self._clock() > deadline:
+                hung = [g.index for g in gpus if g.read_started is not None]
+                raise ReleaseError(f"a driver call on GPU {hung} has not returned; not released")
+            time.sleep(0.01)
+
+    def reacquire(self, timeout: float = 10.0) -> str:
+        """Take back what was released: initialise NVML again where it was shut down, attach by UUID."""
+        with self._nvml_lock:
+            was_all = self._released_all
+            with self._lock:
+                self._released.clear()
+                self._released_all = False
+            if was_all:
+                try:
+                    self._lib.init()
+                    self._driver_version = self._lib.driver_version()
+                except NvmlError as e:  # the manager keeps trying, with backoff
+                    self._count_error(e.function, e.code)
+                    with self._lock:
+                        self._stale = True
+                    self._wake.set()
+                    if self._events is not None:
+                        self._events.resume()
+                    raise ReleaseError(f"NVML did not initialise again yet ({e}); retrying in the background"
+                                       ) from None
+                with self._lock:
+                    self._stale, self._nvml_up = False, True
+                self._rediscover()
+        self.collect(timeout)  # attach every GPU first: the event thread registers the attached ones
+        if was_all and self._events is not None and not self._events.resume(timeout):
+            log.warning("NVML events not registered again yet after reacquire")
+        log.warning("reacquired NVML on the node agent's request")
+        return "reacquired"
+
+    def released(self) -> list[str]:
+        """What is released now: "all", or the uuids."""
+        with self._lock:
+            return ["all"] if self._released_all else sorted(self._released)
 
     # -- for the event watcher and the journal follower --------------------------------------------
     def attached(self) -> dict[str, Any]:
         """uuid -> NVML handle of every GPU that answered its last collection."""
         with self._lock:
-            return {g.identity.uuid: g.reader.handle for g in self._gpus if g.up and g.reader is not None}
+            if self._released_all:
+                return {}
+            return {g.identity.uuid: g.reader.handle for g in self._gpus
+                    if g.up and g.reader is not None and g.identity.uuid not in self._released}
 
     def resolve_pci(self, key: tuple[int, int, int]) -> str | None:
         with self._lock:
@@ -323,19 +473,47 @@ class Collector:
         return None
 
     def _rediscover(self) -> None:
-        """Add GPUs that enumeration shows and we do not track yet. GPUs that vanish are kept:
-        they stay `up 0` until the exporter restarts, which is what an operator must see."""
+        """Add GPUs that enumeration shows and we do not track yet, and follow the ones that moved to
+        another index (a GPU unbound or reset before them: indices shift). GPUs that vanish are kept:
+        they stay `up 0` (with no readings) until the exporter restarts, which is what an operator must
+        see; one that returns, at any index, is the same board by its UUID."""
         try:
             count = self._lib.device_count()
+            at: dict[int, str | None] = {}
+            for index in range(count):
+                try:
+                    at[index] = self._lib.uuid_of(self._lib.handle_by_index(index))
+                except NvmlStale:
+                    raise
+                except NvmlError as e:  # (a lost GPU: it is attached by its UUID once it answers)
+                    self._count_error(e.function, e.code)
+                    at[index] = None
+        except NvmlStale as e:
+            self._count_error(e.function, e.code)
+            self._went_stale()
+            return
         except NvmlError as e:
             self._count_error(e.function, e.code)
             return
+        moved = []
         with self._lock:
             known = len(self._gpus)
-            for index in range(known, count):
-                self._gpus.append(_Gpu(index=index, identity=GpuIdentity(index=index, uuid="")))
+            by_uuid = {g.identity.uuid: g for g in self._gpus if g.identity.uuid}
+            for index, uuid in at.items():
+                g = by_uuid.get(uuid) if uuid else None
+                if g is not None and g.identity.index != index:
+                    g.identity = GpuIdentity(**{**g.identity.__dict__, "index": index})
+                    moved.append((uuid, index))
+            if known == 0:  # the first enumeration: by index (a GPU lost at start has no UUID yet)
+                self._gpus.extend(_Gpu(index=i, identity=GpuIdentity(index=i, uuid="")) for i in range(count))
+            else:
+                for index, uuid in at.items():
+                    if uuid and uuid not in by_uuid and len(self._gpus) < 4096:
+                        self._gpus.append(_Gpu(index=len(self._gpus), identity=GpuIdentity(index=index, uuid=uuid)))
+        if moved:
+            log.warning("GPUs moved to another index", extra={"moved": moved})
         if count != known:
-            log.info("GPUs enumerated", extra={"count": count})
+            log.info("GPUs enumerated", extra={"count": count, "tracked": len(self._gpus)})
 
     # -- errors ----------------------------------------------------------------------------------
     def _count_error(self, function: str, code: int) -> None:
@@ -345,9 +523,15 @@ class Collector:
     # -- one GPU ---------------------------------------------------------------------------------
     def _read_gpu(self, gpu: _Gpu) -> None:
         started = self._clock()
-        gpu.read_started = started
+        with self._lock:  # (release() sets its flag under this lock, then waits for read_started to clear)
+            gpu.read_started = started
+            let_go = not self._nvml_up or self._released_all or gpu.identity.uuid in self._released
         gpu.failed = {}  # filled by _reading_failed during this read
         try:
+            if let_go:  # NVML is down, or released on the agent's request: no driver call at all
+                with self._lock:
+                    gpu.reader, gpu.last, gpu.up = None, None, False
+                return
             if gpu.reader is None:
                 self._attach(gpu)
             reader = gpu.reader
@@ -363,9 +547,14 @@ class Collector:
             gpu.nvlink.apply(values)
             with self._lock:
                 gpu.last, gpu.up = values, True
+        except NvmlStale:
+            with self._lock:
+                gpu.reader, gpu.last, gpu.up = None, None, False
+            self._went_stale()
         except GpuLost as e:
             if gpu.up or gpu.reader is not None:
                 log.error("GPU lost", extra={"gpu": gpu.index, "uuid": gpu.identity.uuid, "error": str(e)})
+                self._wake.set()  # re-enumerate: the GPUs after it may have moved down an index
             with self._lock:
                 gpu.reader, gpu.last, gpu.up = None, None, False
         except NvmlError as e:
@@ -398,6 +587,7 @@ class Collector:
             gpu.identity, gpu.static, gpu.reader, gpu.slow_at = identity, static, reader, float("-inf")
         if was_lost:
             log.warning("GPU is back", extra={"gpu": identity.index, "uuid": identity.uuid})
+            self._wake.set()  # re-enumerate: the GPUs after it may have moved up an index
 
     def _sanitize(self, values: Values, passed: dict[str, Mapping[tuple[str, ...], float]] | None = None,
                   ) -> Values:
@@ -605,11 +795,12 @@ class Collector:
 
     def _snapshot(self, stale: set[int]) -> Snapshot:
         with self._lock:
+            released = self._released_all, self._released
             base = [
                 GpuSnapshot(
                     identity=g.identity,
                     up=g.up,
-                    values=g.last or {},
+                    values=g.last or (_RELEASED if released[0] or g.identity.uuid in released[1] else {}),
                     errors=dict(g.errors),
                     stale=g.index in stale,
                     collect_seconds=g.duration,
@@ -638,6 +829,8 @@ class Collector:
         """(healthy, status line for systemd): unhealthy while a driver call has hung over max_hang."""
         now = self._clock()
         with self._lock:
+            if self._released_all:
+                return True, "NVML released on the node agent's request (a GPU reset)"
             if not self._nvml_up:
                 return True, f"waiting for NVML ({self.last_init_error or 'not tried yet'})"
             hung = [g.index for g in self._gpus if g.read_started is not None and now - g.read_started > max_hang]
@@ -664,9 +857,9 @@ class Collector:
         uuid = g.identity.uuid
         if not uuid:
             return g
-        prev, prev_at = self._prev.get(g.identity.index, (None, 0.0))
+        prev, prev_at = self._prev.get(uuid, (None, 0.0))  # (by UUID: indices move after a reset)
         if g.up and not g.stale:
-            self._prev[g.identity.index] = (g, mono)
+            self._prev[uuid] = (g, mono)
         history = self.xids.history(uuid)
         view = self._history_view(g, prev, now, mono) if self.history is not None else None
         if view is not None:
@@ -702,10 +895,13 @@ class Collector:
         except HistoryError as e:
             log.error("could not record an Xid in the incident history", extra={"error": str(e)})
 
-    def _reset_acknowledged(self, uuid: str, ts: float, line: str) -> None:
+    def _reset_acknowledged(self, uuid: str, ts: float, line: str, ok: bool = True) -> None:
         assert self.history is not None
         try:
-            self.history.record_reset(uuid, ts, f"acknowledged: {line}")
+            if ok:
+                self.history.record_reset(uuid, ts, f"acknowledged: {line}")
+            else:
+                self.history.record_reset_failed(uuid, ts, line)
         except HistoryError as e:
             log.error("could not record a GPU reset in the incident history", extra={"error": str(e)})
 
@@ -748,6 +944,12 @@ class Collector:
 
 
 HISTORY_REFRESH_SECONDS = 5.0
+# What a GPU the agent asked the exporter to let go of serves besides `up 0` (one series: the reason).
+_RELEASED: Values = {"nvidia_gpu_released": {(): 1.0}}
+
+
+class ReleaseError(Exception):
+    """A release or reacquire that could not be done (safely): the control socket answers it as an error."""
 _ENERGY = "nvidia_gpu_energy_joules_total"
 _REMAP = ("nvidia_gpu_remapped_rows", "nvidia_gpu_remapped_rows_pending", "nvidia_gpu_remapped_rows_failed")
 

@@ -264,7 +264,9 @@ def diagnose(g: GpuSnapshot, history: Iterable[XidEvent] = (), prev: GpuSnapshot
              seconds: float = 0.0, now: float = 0.0, escalations: Iterable[Finding] = ()) -> Diagnosis:
     """`escalations`: the incident history's findings (check "history"), see history.py."""
     findings: list[Finding] = list(escalations)
-    if not g.up:
+    if not g.up and _v(g, "nvidia_gpu_released"):
+        pass  # let go on the node agent's request (a GPU reset): not a fault; nvidia_gpu_released says so
+    elif not g.up:
         findings.append(Finding("availability", "critical", "reboot_node",
                                 "NVML cannot reach the GPU (lost or fell off the bus)"))
     elif g.stale:

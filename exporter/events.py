@@ -38,12 +38,30 @@ class EventWatcher:
         self._thread = threading.Thread(target=self._run, name="nvml-events", daemon=True)
         self.registered: dict[str, int] = {}  # uuid -> event mask, for tests and the landing page
         self.first_registration = threading.Event()
+        self._pause = threading.Event()  # the collector lets go of NVML (a GPU reset): hold no event set
+        self._idle = threading.Event()  # set by the thread once paused, its set freed
+        self._registered = threading.Event()  # set by each registration
 
     def start(self) -> None:
         self._thread.start()
 
     def stop(self) -> None:
         self._stop.set()
+
+    def pause(self, timeout: float) -> bool:
+        """Free the event set and make no NVML call until resume(); True once the thread has let go (a
+        wait in the driver ends within RECHECK_SECONDS)."""
+        self._pause.set()
+        if not self._thread.is_alive():
+            return True
+        return self._idle.wait(timeout)
+
+    def resume(self, timeout: float = 5.0) -> bool:
+        """Register again; True once registered (events before that are the journal's to count)."""
+        self._registered.clear()
+        self._idle.clear()
+        self._pause.clear()
+        return not self._thread.is_alive() or self._registered.wait(timeout)
 
     def _register(self) -> EventSet | None:
         try:
@@ -62,12 +80,21 @@ class EventWatcher:
             log.info("registered for NVML events", extra={"gpus": len(registered)})
         self.registered = registered
         self.first_registration.set()
+        self._registered.set()
         return es
 
     def _run(self) -> None:
         es: EventSet | None = None
         checked = 0.0
         while not self._stop.is_set():
+            if self._pause.is_set():
+                if es is not None:
+                    self._free(es)
+                    es = None
+                    self.registered = {}
+                self._idle.set()
+                self._stop.wait(0.1)
+                continue
             now = time.monotonic()
             due = now - checked >= RECHECK_SECONDS
             if due:

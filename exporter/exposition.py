@@ -106,7 +106,12 @@ def _exporter_samples(metric: Metric, snap: Snapshot, build: BuildInfo) -> Itera
         case "nvml_exporter_nvml_up":
             series = [((), 1.0 if s.nvml_up else 0.0)]
         case "nvml_exporter_collect_duration_seconds":
-            series = [((str(g.identity.index),), g.collect_seconds) for g in snap.gpus]
+            # One series per index: a GPU gone (up 0) keeps its last index, which another may hold now.
+            by_index: dict[str, float] = {}
+            for g in snap.gpus:
+                if g.up or str(g.identity.index) not in by_index:
+                    by_index[str(g.identity.index)] = g.collect_seconds
+            series = [((gpu,), v) for gpu, v in by_index.items()]
         case "nvml_exporter_collect_timeouts_total":
             # A GPU's series from its first timeout on, served at 0 first (the collector), so that the first
             # timeout is an increase().

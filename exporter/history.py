@@ -234,6 +234,19 @@ class History:
             self._insert(uuid, "reset", 0, ts, how)
             return True
 
+    def record_reset_failed(self, uuid: str, ts: float, how: str) -> bool:
+        """A reset that failed or was not confirmed (the node agent's acknowledgement with success: false):
+        kept in the GPU's history for people and RMA evaluation, but not a remedy (escalation's epochs
+        count only resets that worked) and not counted in nvidia_gpu_incidents_total."""
+        if self.readonly:
+            return False
+        with self._lock:
+            for r in self._rows.get(uuid, ()):
+                if r.kind == "reset_failed" and abs(r.first_ts - ts) <= RESET_DEDUPE_SECONDS:
+                    return False
+            self._insert(uuid, "reset_failed", 0, ts, how)
+            return True
+
     def observe_remap(self, uuid: str, counts: dict[str, float], ts: float) -> bool:
         """NVML's remapped-row counters and pending flag; a remap event when any went up. The first
         reading of a GPU is its baseline."""

@@ -23,14 +23,15 @@ _unresolved_log = RateLimited(log, 10.0)  # one line per PCI address per 10 s, h
 
 JOURNAL_DIRS = ("/run/log/journal", "/var/log/journal")
 # Reset acknowledgements are logged from user space (NVSentinel's reset job), not by the kernel.
-RESET_IDENTIFIERS = ("nvsentinel-gpu-reset",)
+# nvml-remediator: the node agent's acknowledgement of its own resets (docs/remediation.md).
+RESET_IDENTIFIERS = ("nvsentinel-gpu-reset", "nvml-remediator")
 UNRELIABLE_POLL_SECONDS = 1.0  # where the journal's fd cannot be trusted to wake us (network file systems)
 
 
 class JournalFollower:
     def __init__(self, store: XidStore, resolve: Callable[[tuple[int, int, int]], str | None],
                  path: str | None = None, ready: threading.Event | None = None,
-                 on_reset: Callable[[str, float, str], None] | None = None):
+                 on_reset: Callable[[str, float, str, bool], None] | None = None):
         """`resolve` maps a PCI address to the GPU's UUID; `path` reads a journal file or directory
         instead of the system journal; `ready` is set once GPU identities are known; `on_reset` hears
         of GPU resets (uuid, time, the line)."""
@@ -132,8 +133,8 @@ class JournalFollower:
 
     def _handle(self, line: kernlog.KernelLine, ts: float, message: str) -> None:
         if line.kind == "reset":
-            if line.fields.get("success") != "false" and self._on_reset is not None:
-                self._on_reset(line.uuid, ts, line.text)
+            if self._on_reset is not None:  # (a failed one too: the history keeps it, not as a remedy)
+                self._on_reset(line.uuid, ts, line.text, line.fields.get("success") != "false")
             return
         assert line.pci is not None
         pci = pci_text(line.pci)

@@ -47,6 +47,10 @@ GPU_METRICS: tuple[Metric, ...] = (
            "nvmlDeviceGetName/Serial/VbiosVersion/PciInfo/MinorNumber, nvmlSystemGetDriverVersion"),
     Metric("nvidia_gpu_up", GAUGE, "1 if the GPU answered this collection, 0 if it is lost or failing.",
            source="collection outcome", valid=RATIO),
+    Metric("nvidia_gpu_released", GAUGE,
+           "1 while the exporter has let go of this GPU (and NVML) on the node agent's request, for a GPU "
+           "reset; nvidia_gpu_up is 0 meanwhile for that reason, not a fault. Absent otherwise.",
+           source="control socket (release/reacquire)", valid=RATIO, budget=0),
     Metric("nvidia_gpu_temperature_celsius", GAUGE, "GPU core temperature.",
            source="nvmlDeviceGetTemperature", valid=CELSIUS),
     Metric("nvidia_gpu_memory_temperature_celsius", GAUGE, "HBM memory temperature.",

@@ -26,6 +26,9 @@ NOT_SUPPORTED = pynvml.NVML_ERROR_NOT_SUPPORTED
 FUNCTION_NOT_FOUND = pynvml.NVML_ERROR_FUNCTION_NOT_FOUND
 # Codes after which no call on this handle will succeed until the GPU comes back.
 LOST_CODES = frozenset({pynvml.NVML_ERROR_GPU_IS_LOST, getattr(pynvml, "NVML_ERROR_GPU_NOT_FOUND", 28)})
+# Codes after which no call will succeed until NVML is initialised again: the library's state went stale
+# (a driver reload under us) or the driver is not loaded. The collector shuts NVML down and re-initialises.
+STALE_CODES = frozenset({pynvml.NVML_ERROR_UNINITIALIZED, pynvml.NVML_ERROR_DRIVER_NOT_LOADED})
 # Codes that mean "this board/driver will never answer this", so the call is not repeated.
 PERMANENT_CODES = frozenset({NOT_SUPPORTED, FUNCTION_NOT_FOUND})
 
@@ -49,6 +52,20 @@ class NvmlError(Exception):
 
 class GpuLost(NvmlError):
     """The GPU stopped answering (fell off the bus); its handle is useless until it returns."""
+
+
+class NvmlStale(GpuLost):
+    """NVML as a whole stopped answering (UNINITIALIZED, DRIVER_NOT_LOADED): every handle is useless until
+    NVML is initialised again."""
+
+
+def lost_error(function: str, code: int) -> NvmlError:
+    """The exception for a failed call: NvmlStale, GpuLost or NvmlError."""
+    if code in STALE_CODES:
+        return NvmlStale(function, code)
+    if code in LOST_CODES:
+        return GpuLost(function, code)
+    return NvmlError(function, code)
 
 
 ErrorSink = Callable[[str, int], None]
@@ -340,6 +357,8 @@ class GpuReader:
     def _failed(self, key: str, code: int) -> Any:
         function = key.split(":", 1)[0]
         self._on_error(function, code)
+        if code in STALE_CODES:
+            raise NvmlStale(function, code)
         if code in LOST_CODES:
             raise GpuLost(function, code)
         if code in PERMANENT_CODES:
@@ -635,9 +654,7 @@ class Library:
         try:
             return fn(*args)
         except pynvml.NVMLError as e:
-            if e.value in LOST_CODES:
-                raise GpuLost(function, e.value) from None
-            raise NvmlError(function, e.value) from None
+            raise lost_error(function, e.value) from None
 
     def driver_version(self) -> str:
         return _str(self._checked("nvmlSystemGetDriverVersion", pynvml.nvmlSystemGetDriverVersion))
@@ -650,6 +667,12 @@ class Library:
 
     def handle_by_uuid(self, uuid: str) -> Any:
         return self._checked("nvmlDeviceGetHandleByUUID", pynvml.nvmlDeviceGetHandleByUUID, uuid)
+
+    def index_of(self, handle: Any) -> int:
+        return int(self._checked("nvmlDeviceGetIndex", pynvml.nvmlDeviceGetIndex, handle))
+
+    def uuid_of(self, handle: Any) -> str:
+        return _str(self._checked("nvmlDeviceGetUUID", pynvml.nvmlDeviceGetUUID, handle))
 
 
 def bindings_version() -> str:
@@ -695,9 +718,7 @@ class EventSet:
                 pynvml.nvmlDeviceRegisterEvents(handle, mask, self._set)
             return mask
         except pynvml.NVMLError as e:
-            if e.value in LOST_CODES:
-                raise GpuLost("nvmlDeviceRegisterEvents", e.value) from None
-            raise NvmlError("nvmlDeviceRegisterEvents", e.value) from None
+            raise lost_error("nvmlDeviceRegisterEvents", e.value) from None
 
     def wait(self, timeout_ms: int) -> Event | None:
         try:
@@ -706,9 +727,7 @@ class EventSet:
         except pynvml.NVMLError as e:
             if e.value == pynvml.NVML_ERROR_TIMEOUT:
                 return None
-            if e.value in LOST_CODES:
-                raise GpuLost("nvmlEventSetWait_v2", e.value) from None
-            raise NvmlError("nvmlEventSetWait_v2", e.value) from None
+            raise lost_error("nvmlEventSetWait_v2", e.value) from None
 
     def free(self) -> None:
         try:

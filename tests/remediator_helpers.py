@@ -22,7 +22,7 @@ UUID1 = "GPU-35afb4b2-0148-580c-b89e-d0578b5f99a9"
 STANDIN = textwrap.dedent('''\
     #!{python}
     # Stand-in for {prog}: records its argv; behaviour from files in {state}.
-    import json, os, sys, time
+    import json, os, socket, sys, time
     state = {state!r}
     prog = {prog!r}
     def read(name, default=""):
@@ -30,6 +30,15 @@ STANDIN = textwrap.dedent('''\
             return open(os.path.join(state, name)).read()
         except OSError:
             return default
+    def write(name, text):
+        with open(os.path.join(state, name), "w") as f:
+            f.write(text)
+    def exporter_status():
+        # what the node's exporter says through its control socket ("released=all" during a reset)
+        with socket.socket(socket.AF_UNIX) as s:
+            s.connect(read("control_socket"))
+            s.sendall(b"status\\n")
+            return s.recv(200).decode().strip()
     with open(os.path.join(state, "calls.jsonl"), "a") as f:
         f.write(json.dumps([prog] + sys.argv[1:]) + "\\n")
     with open(os.path.join(state, "pid." + prog), "w") as f:
@@ -43,15 +52,54 @@ STANDIN = textwrap.dedent('''\
         time.sleep(float(read("sleep." + prog)))
     args = sys.argv[1:]
     if prog == "scontrol" and args[:2] == ["show", "node"]:
+        # per node once the scheduler is stateful (file "stateful"): a drain is seen by later shows
         print("NodeName=%s Arch=x86_64 State=%s Reason=%s Comment=(null)"
-              % (args[-1], read("state", "IDLE+DRAIN"), read("reason", "x")))
+              % (args[-1], read("state." + args[-1]) or read("state", "IDLE+DRAIN"),
+                 read("reason." + args[-1]) or read("reason", "x")))
+    elif prog == "scontrol" and args[:1] == ["update"] and read("stateful"):
+        kv = dict(a.split("=", 1) for a in args[1:])
+        if kv.get("State") == "DRAIN":
+            write("state." + kv["NodeName"], "IDLE+DRAIN")
+            write("reason." + kv["NodeName"], kv.get("Reason", ""))
+        elif kv.get("State") == "RESUME":
+            write("state." + kv["NodeName"], "IDLE")
+            write("reason." + kv["NodeName"], "none")
     elif prog == "nvidia-smi" and args and args[0].startswith("--query-compute-apps"):
         sys.stdout.write(read("apps"))
     elif prog == "nvidia-smi" and "--gpu-reset" in args:
         time.sleep(float(read("reset_sleep", "0")))
+        if read("control_socket") and exporter_status() != "ok released=all":
+            print("GPU in use by another client (the exporter holds NVML)")  # as the real one refuses
+            sys.exit(3)
+        if read("holders") and any(not os.path.exists(os.path.join(state, "stopped." + u))
+                                   for u in read("holders").split()):
+            print("GPU in use by another client (a holder still runs)")
+            sys.exit(3)
         sys.exit(int(read("reset_rc", "0")))
     elif prog == "nvidia-smi" and "-q" in args:
+        print("    GPU Recovery Action                   : " + read("recovery_action", "None"))
         sys.exit(int(read("health_rc", "0")))
+    elif prog == "systemctl" and args[:1] == ["is-active"]:
+        sys.exit(0 if not os.path.exists(os.path.join(state, "inactive." + args[-1])) else 3)
+    elif prog == "systemctl" and args[:1] in (["stop"], ["start"]):
+        marker = os.path.join(state, "stopped." + args[-1])
+        if args[0] == "stop":
+            write("stopped." + args[-1], "")
+        elif os.path.exists(marker):
+            os.remove(marker)
+        sys.exit(int(read("systemctl_rc." + args[0], "0")))
+    elif prog == "nvml-exporter":
+        sys.stdout.write(read("diagnose.json"))
+    elif prog == "kubectl" and read("stateful") and args[:1] in (["cordon"], ["uncordon"]):
+        write("unschedulable." + args[1], "true" if args[0] == "cordon" else "false")
+    elif prog == "kubectl" and read("stateful") and args[:1] == ["annotate"]:
+        write("annotation." + args[3], args[4].split("=", 1)[1])
+    elif prog == "kubectl" and read("stateful") and args[:2] == ["get", "node"]:
+        asked = args[-1]
+        if "annotations" in asked:
+            sys.stdout.write(read("annotation." + args[2]))
+        else:
+            sys.stdout.write(read("unschedulable." + args[2], "false"))
     elif prog == "kubectl" and args[:2] == ["get", "node"]:
         sys.stdout.write(read("unschedulable", "true"))
 ''')
@@ -61,7 +109,7 @@ def make_standins(directory: Path) -> Path:
     bin_dir, state = directory / "bin", directory / "standin"
     bin_dir.mkdir(parents=True)
     state.mkdir()
-    for prog in ("scontrol", "kubectl", "nvidia-smi"):
+    for prog in ("scontrol", "kubectl", "nvidia-smi", "systemctl", "logger", "nvml-exporter"):
         path = bin_dir / prog
         path.write_text(STANDIN.format(python=sys.executable, prog=prog, state=str(state)))
         path.chmod(0o755)

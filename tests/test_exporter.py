@@ -176,9 +176,10 @@ def test_every_metric_with_the_value_the_scenario_implies(fake: FakeNvml, start_
     # (error and invalid-reading counters appear with their first count: nothing fails in this scenario,
     # not even NumFans, which a real Hopper board answers with 0)
     missing = {m.name for m in ALL_METRICS} - families
-    # (and the incident history's, and NVSwitch SXids from the journal: tests/test_history.py)
+    # (and the incident history's, and NVSwitch SXids from the journal: tests/test_history.py; and the
+    # released marker, only while the node agent has the exporter let go: tests/test_control.py)
     assert missing == {"nvml_exporter_invalid_readings_total", "nvml_exporter_nvml_errors_total",
-                       "nvml_exporter_collect_timeouts_total",
+                       "nvml_exporter_collect_timeouts_total", "nvidia_gpu_released",
                        "nvidia_gpu_incidents_total", "nvidia_gpu_incident_interval_seconds",
                        "nvidia_nvswitch_sxid_errors_total", "nvidia_nvswitch_sxid_last_timestamp_seconds",
                        # only with a --collect.workload.* source (tests/test_workload_exporter.py)
@@ -206,8 +207,10 @@ def test_page_passes_promtool_and_prometheus_client_parser(fake: FakeNvml, start
     for m in GPU_METRICS:
         if m.name in ("nvidia_gpu_xid_errors_total", "nvidia_gpu_xid_last_timestamp_seconds",
                       "nvidia_gpu_nvml_events_total", "nvidia_gpu_incidents_total",
-                      "nvidia_gpu_incident_interval_seconds", "nvidia_gpu_workload_info"):
-            continue  # only once an event arrived, with the incident history or a workload source on; covered elsewhere
+                      "nvidia_gpu_incident_interval_seconds", "nvidia_gpu_workload_info",
+                      "nvidia_gpu_released"):
+            continue  # only once an event arrived, with the incident history or a workload source on, or
+            # while released; covered elsewhere
         family = families.get(m.name.removesuffix("_total"))
         assert family is not None, m.name
         for sample in family.samples:

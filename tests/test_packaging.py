@@ -89,6 +89,9 @@ def test_package_metadata_and_files(deb: Path) -> None:
                  "./usr/share/man/man1/nvml-exporter.1.gz", "./usr/share/man/man1/nvml-remediator.1.gz",
                  "./usr/lib/systemd/system/prometheus-nvml-exporter.service",
                  "./usr/lib/systemd/system/prometheus-nvml-remediator.service",
+                 "./usr/lib/systemd/system/prometheus-nvml-remediator-agent.service",
+                 "./usr/share/prometheus-nvml-exporter/nvml_exporter/remediator/agent.py",
+                 "./usr/share/prometheus-nvml-exporter/nvml_exporter/control.py",
                  "./usr/share/doc/prometheus-nvml-exporter/examples/remediator.example.yml",
                  "./usr/share/doc/prometheus-nvml-exporter/examples/alertmanager.example.yml",
                  "./usr/share/prometheus-nvml-exporter/nvml_exporter/workload/kubelet.py",
@@ -131,13 +134,16 @@ def test_install_creates_users_and_enables_only_the_exporter(root: Path) -> None
     wants = root / "etc" / "systemd" / "system" / "multi-user.target.wants"
     assert (wants / "prometheus-nvml-exporter.service").is_symlink()
     assert not (wants / "prometheus-nvml-remediator.service").exists()
+    assert not (wants / "prometheus-nvml-remediator-agent.service").exists()  # enabled by the operator
     conffiles = (root / "var/lib/dpkg/info/prometheus-nvml-exporter.conffiles").read_text().split()
     assert {"/etc/prometheus-nvml-exporter/remediator.yml", "/etc/prometheus-nvml-exporter/web-config.yml",
-            "/etc/default/prometheus-nvml-exporter", "/etc/default/prometheus-nvml-remediator"} <= set(conffiles)
+            "/etc/default/prometheus-nvml-exporter", "/etc/default/prometheus-nvml-remediator",
+            "/etc/default/prometheus-nvml-remediator-agent"} <= set(conffiles)
     assert 'ARGS=""' in (root / "etc/default/prometheus-nvml-exporter").read_text()
 
 
-@pytest.mark.parametrize("unit", ["prometheus-nvml-exporter.service", "prometheus-nvml-remediator.service"])
+@pytest.mark.parametrize("unit", ["prometheus-nvml-exporter.service", "prometheus-nvml-remediator.service",
+                                  "prometheus-nvml-remediator-agent.service"])
 def test_units_verify_cleanly(root: Path, tmp_path: Path, unit: str) -> None:
     text = (root / "usr/lib/systemd/system" / unit).read_text()
     # point ExecStart at the installed program inside the scratch root, which verify requires to exist
@@ -157,6 +163,24 @@ def test_exporter_unit_is_hardened(root: Path) -> None:
     assert score <= 2.0
     text = unit.read_text()
     assert "User=prometheus" in text and "Type=notify" in text and "WatchdogSec=" in text
+    assert "RuntimeDirectory=prometheus-nvml-exporter" in text  # the control socket's home
+
+
+def test_agent_unit_has_only_the_privileges_its_steps_need(root: Path) -> None:
+    """Root (nvidia-smi --gpu-reset, systemctl), but only CAP_SYS_ADMIN (the reset) and CAP_KILL
+    (checkpoint_signal) in its bounding set, no new privileges, the file system read-only but its state."""
+    unit = root / "usr/lib/systemd/system/prometheus-nvml-remediator-agent.service"
+    text = unit.read_text()
+    settings = dict(line.split("=", 1) for line in text.splitlines() if "=" in line and not line.startswith("#"))
+    assert settings["CapabilityBoundingSet"] == "CAP_SYS_ADMIN CAP_KILL"
+    assert settings["AmbientCapabilities"] == ""
+    assert settings["NoNewPrivileges"] == "yes" and settings["ProtectSystem"] == "strict"
+    assert settings["StateDirectory"] == "prometheus-nvml-remediator-agent" and settings["DevicePolicy"] == "closed"
+    assert settings["ExecStart"].startswith("/usr/bin/nvml-remediator agent ")
+    out = subprocess.run([require_tool("systemd-analyze"), "security", "--offline=yes", str(unit)],
+                         capture_output=True, text=True)
+    score = float(re.search(r"Overall exposure level for \S+: ([0-9.]+)", out.stdout).group(1))  # type: ignore[union-attr]
+    assert score <= 4.0, out.stdout  # root with CAP_SYS_ADMIN, yet "OK" (3.0 when written)
 
 
 def test_installed_exporter_serves_metrics_with_debian_python(root: Path, fake: FakeNvml) -> None:
@@ -237,11 +261,14 @@ def test_purge_removes_what_the_package_made(root: Path) -> None:
     (root / "etc/prometheus-nvml-exporter/remediator.token").write_text("0123456789abcdef0123\n")
     state = root / "var/lib/prometheus-nvml-remediator"
     state.mkdir(parents=True)
+    agent_state = root / "var/lib/prometheus-nvml-remediator-agent"
+    agent_state.mkdir(parents=True)
+    (agent_state / "agent.sqlite").write_bytes(b"")
     (state / "remediator.sqlite").write_bytes(b"")
     (state / "audit.jsonl").write_text("{}\n")
     dpkg(root, "--purge", "prometheus-nvml-exporter")
     assert not (root / "etc/prometheus-nvml-exporter").exists()
-    assert not state.exists()
+    assert not state.exists() and not agent_state.exists()
     assert not (root / "etc/default/prometheus-nvml-exporter").exists()
     assert not (root / "usr/bin/nvml-exporter").exists()
     passwd, group = (root / "etc/passwd").read_text(), (root / "etc/group").read_text()

@@ -4,6 +4,7 @@
     nvml-remediator check-config FILE
     nvml-remediator reset-breaker [--storage.path DIR]
     nvml-remediator resume --config FILE NODE     (only nodes it drained itself)
+    nvml-remediator agent --config FILE --alertmanager.url URL ...   (the node agent: agent.py)
 
 Separate from the exporter on purpose: it imports nothing of the collector and runs with the
 privileges its enabled actions need, no more.
@@ -401,6 +402,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return reset_breaker(argv[1:])
     if argv[:1] == ["resume"]:
         return resume_node(argv[1:])
+    if argv[:1] == ["agent"]:
+        from .agent import serve_agent
+
+        return serve_agent(argv[1:])
     return serve(argv)
 
 

@@ -205,7 +205,10 @@ class Engine:
 
     def __init__(self, policy: Policy, store: Store, audit: Audit, *, execute: bool, runner: Runner,
                  workers: int = 4, on_outcome: Callable[[str, str], None] = lambda a, r: None,
-                 clock: Callable[[], float] = time.time):
+                 clock: Callable[[], float] = time.time, role: str = "central", node_steps: Any = None):
+        """role "central" (the webhook) or "agent" (`nvml-remediator agent`, agent.py, with its
+        node_steps): with a `node_agent:` policy the central one leaves the node-local steps to the
+        agents and the agents wait for its drain."""
         self.policy = policy
         self.store = store
         self.audit = audit
@@ -223,6 +226,8 @@ class Engine:
         self._stop = threading.Event()
         self._breaker_lock = threading.Lock()
         self.cooldowns = {**DEFAULT_COOLDOWNS, **policy.cooldowns}
+        self.role = role
+        self.node_steps = node_steps
 
     # -- queue ---------------------------------------------------------------------------------
     def start(self) -> None:
@@ -367,6 +372,10 @@ class Engine:
         back by its own cooldown record nor counted a second time by the breaker."""
         if step.kind == "log":
             return Outcome("ok", reason="recorded")
+        if self.role == "central" and self.policy.agent is not None and step.kind in LOCAL_STEPS:
+            return Outcome("delegated", reason="a node-local step: the node's agent runs it")
+        if self.role == "agent" and step.kind == "drain_node":  # the central remediator drains
+            return self.node_steps.wait_drained(job)
         uuid = job.alert["labels"].get("uuid", "")
         action_key = f"{step.name}:{uuid}" if step.kind == "reset_gpu" else step.name
         cooldown = self.cooldowns.get(step.kind, 0.0)
@@ -395,7 +404,7 @@ class Engine:
         if step.kind == "checkpoint_signal":
             return self._checkpoint(job, uuid)
         if step.kind == "reset_gpu":
-            return self._reset(job, uuid)
+            return self.node_steps.reset(job, uuid) if self.role == "agent" else self._reset(job, uuid)
         argv = list(self.policy.scripts[step.script])
         return self._exec(argv, step, alert_env(job))
 

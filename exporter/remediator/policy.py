@@ -9,6 +9,12 @@
     circuit_breaker: {max_actions: 10, window: 10m}
     checkpoint_signal: SIGUSR1
     exec: {bug-report: [/usr/local/sbin/gpu-bug-report, --quiet]}
+    node_agent:                 # present: checkpoint_signal and reset_gpu run on each node's agent
+      holders: [nvidia-dcgm, dcgm-exporter]   # systemd units stopped around a reset, restarted after
+      drain_wait: 15m           # how long the agent waits for the central remediator's drain
+      reboot_node: false        # a failed or unconfirmed reset reboots the (drained) node
+      resume_after_reset: false # a confirmed reset and a clean diagnose return the node to service
+      exporter_socket: /run/prometheus-nvml-exporter/control.sock
     rules:
       - name: fell-off-bus
         match: ['alertname="GpuXidFellOffBus"']
@@ -37,6 +43,7 @@ LOCAL_STEPS = frozenset({"checkpoint_signal", "reset_gpu"})
 # Steps that are safe to run again if the process died while running them.
 REPEATABLE_STEPS = frozenset({"log", "drain_node", "checkpoint_signal"})
 SCHEDULERS = ("slurm", "kubernetes", "none")
+UNIT = re.compile(r"[A-Za-z0-9][A-Za-z0-9@._:-]{0,127}")  # a systemd unit name (fullmatch)
 TIMEOUT_KEYS = frozenset({"default", "drain_node", "checkpoint_signal", "reset_gpu", "exec"})
 COOLDOWN_KEYS = frozenset({"node", "drain_node", "checkpoint_signal", "reset_gpu", "exec"})
 LABEL = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")  # a Prometheus label name (fullmatch)
@@ -94,6 +101,17 @@ class Rule:
 
 
 @dataclass(frozen=True)
+class AgentPolicy:
+    """The node agent's part (`node_agent:`): how it resets a GPU safely, and what follows."""
+
+    holders: tuple[str, ...] = ()
+    drain_wait: float = 900.0
+    reboot_node: bool = False
+    resume_after_reset: bool = False
+    exporter_socket: str = "/run/prometheus-nvml-exporter/control.sock"
+
+
+@dataclass(frozen=True)
 class Policy:
     rules: tuple[Rule, ...]
     scheduler: str = "none"
@@ -107,6 +125,7 @@ class Policy:
     checkpoint_signal: int = int(signal.SIGUSR1)
     scripts: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     drain_prefix: str = "nvml-remediator:"
+    agent: AgentPolicy | None = None  # node_agent: set: the node-local steps are the node agents'
 
     def rule_for(self, labels: Mapping[str, str]) -> Rule | None:
         return next((r for r in self.rules if r.matches(labels)), None)
@@ -156,11 +175,12 @@ def load(path: str) -> Policy:
 
 def parse(raw: dict[str, Any]) -> Policy:
     _unknown(raw, {"scheduler", "node", "node_label", "commands", "timeouts", "cooldowns", "circuit_breaker",
-                   "checkpoint_signal", "exec", "rules", "drain_reason_prefix"}, "policy")
+                   "checkpoint_signal", "exec", "rules", "drain_reason_prefix", "node_agent"}, "policy")
     scheduler = str(raw.get("scheduler", "none"))
     if scheduler not in SCHEDULERS:
         raise PolicyError(f"scheduler must be one of {', '.join(SCHEDULERS)}, not {scheduler!r}")
-    commands = {"scontrol": "scontrol", "kubectl": "kubectl", "nvidia_smi": "nvidia-smi"}
+    commands = {"scontrol": "scontrol", "kubectl": "kubectl", "nvidia_smi": "nvidia-smi", "systemctl": "systemctl",
+                "logger": "logger", "nvml_exporter": "nvml-exporter"}
     given = _mapping(raw.get("commands"), "commands")
     _unknown(given, set(commands), "commands")
     commands.update({k: str(v) for k, v in given.items()})
@@ -222,12 +242,46 @@ def parse(raw: dict[str, Any]) -> Policy:
     if not re.fullmatch(r"[A-Za-z0-9_.:-]{3,32}", prefix):
         raise PolicyError("drain_reason_prefix: 3-32 characters of letters, digits, _ . : -")
     policy = Policy(
+        agent=_agent(raw["node_agent"]) if "node_agent" in raw else None,
         rules=tuple(rules), scheduler=scheduler, node=node, node_label=node_label, commands=commands, timeouts=timeouts,
         cooldowns=cooldowns, breaker_max=max_actions,
         breaker_window=duration(breaker.get("window", "10m"), "circuit_breaker.window"),
         checkpoint_signal=_signal(raw.get("checkpoint_signal", "SIGUSR1")), scripts=scripts, drain_prefix=prefix,
     )
     return policy
+
+
+def _agent(raw: Any) -> AgentPolicy:
+    a = _mapping(raw, "node_agent")
+    _unknown(a, {"holders", "drain_wait", "reboot_node", "resume_after_reset", "exporter_socket"}, "node_agent")
+    holders = a.get("holders", [])
+    if not isinstance(holders, list) or not all(isinstance(u, str) and UNIT.fullmatch(u) for u in holders):
+        raise PolicyError("node_agent.holders: want a list of systemd unit names")
+    for key in ("reboot_node", "resume_after_reset"):
+        if not isinstance(a.get(key, False), bool):
+            raise PolicyError(f"node_agent.{key}: want true or false")
+    sock = a.get("exporter_socket", AgentPolicy.exporter_socket)
+    if not isinstance(sock, str) or not sock.startswith("/"):
+        raise PolicyError("node_agent.exporter_socket: want an absolute path")
+    return AgentPolicy(holders=tuple(holders), drain_wait=duration(a.get("drain_wait", "15m"), "node_agent.drain_wait"),
+                       reboot_node=a.get("reboot_node", False), resume_after_reset=a.get("resume_after_reset", False),
+                       exporter_socket=sock)
+
+
+def agent_commands(policy: Policy) -> list[str]:
+    """What the node agent runs besides the rules' steps (checked at its start)."""
+    if policy.agent is None:
+        return []
+    needed = [policy.command("logger")]
+    if policy.agent.holders or policy.agent.reboot_node:
+        needed.append(policy.command("systemctl"))
+    if policy.agent.resume_after_reset:
+        needed.append(policy.command("nvml_exporter"))
+    if policy.scheduler == "slurm":
+        needed.append(policy.command("scontrol"))
+    elif policy.scheduler == "kubernetes":
+        needed.append(policy.command("kubectl"))
+    return sorted(c for c in set(needed) if shutil.which(c) is None)
 
 
 def missing_commands(policy: Policy) -> list[str]:

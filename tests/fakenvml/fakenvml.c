@@ -258,7 +258,34 @@ static int gpu_count(void) {
   long n = global_long("gpu_count", 0);
   return n < 0 ? 0 : n > MAX_GPUS ? MAX_GPUS : (int)n;
 }
-static int is_lost(int g) { const char *v = gkey(g, "lost"); return v && strtol(v, NULL, 0) != 0; }
+static int flag(int g, const char *key) { const char *v = gkey(g, key); return v && strtol(v, NULL, 0) != 0; }
+/* An absent GPU (gpu.N.absent=1) is unbound from the driver or in the middle of a reset: enumeration skips
+ * it (the count drops and the GPUs after it move down an index, as DCGM's nvmlRemoveGpu models), a lookup
+ * by UUID or PCI bus id answers NOT_FOUND, and a handle taken before answers GPU_IS_LOST. The state file's
+ * N is a slot; NVML's index is the rank among the slots present. */
+static int is_absent(int g) { return flag(g, "absent"); }
+static int is_lost(int g) { return flag(g, "lost") || is_absent(g); }
+static int enum_count(void) {
+  int n = 0;
+  for (int i = 0; i < gpu_count(); i++) n += !is_absent(i);
+  return n;
+}
+static int slot_of_index(unsigned index) {
+  for (int i = 0, rank = 0; i < gpu_count(); i++)
+    if (!is_absent(i) && (unsigned)rank++ == index) return i;
+  return -1;
+}
+static int index_of_slot(int g) {
+  int rank = 0;
+  for (int i = 0; i < g; i++) rank += !is_absent(i);
+  return rank;
+}
+/* A driver reload (driver_epoch changed since this process's nvmlInit): what the process got from NVML
+ * before is gone, so every call answers UNINITIALIZED until nvmlInit succeeds again (init_error keeps it
+ * failing while the module is out). A real driver cannot unload under an open client; this is what a
+ * client that let go and came back, or one whose state went stale, must cope with. */
+static long init_epoch;
+static int stale_epoch(void) { return global_long("driver_epoch", 0) != init_epoch; }
 
 /* Latency: the most specific of gpu.N.latency_us.<sym>, gpu.N.latency_us, latency_us.<sym>, latency_us. */
 static long latency_for(int g, int sym) {
@@ -292,7 +319,7 @@ static nvmlReturn_t enter(int sym, long *lat) {
   pthread_mutex_lock(&lock);
   reload(0);
   *lat = latency_for(-1, sym);
-  if (!init_refcount) return E_UNINITIALIZED;
+  if (!init_refcount || stale_epoch()) return E_UNINITIALIZED;
   return injected_error(-1, sym);
 }
 static nvmlReturn_t enter_dev(int sym, nvmlDevice_t dev, int *g, long *lat) {
@@ -300,7 +327,7 @@ static nvmlReturn_t enter_dev(int sym, nvmlDevice_t dev, int *g, long *lat) {
   pthread_mutex_lock(&lock);
   reload(0);
   *lat = latency_for(-1, sym);
-  if (!init_refcount) return E_UNINITIALIZED;
+  if (!init_refcount || stale_epoch()) return E_UNINITIALIZED;
   if (!dev || dev < &devs[0] || dev >= &devs[MAX_GPUS] || dev->magic != DEV_MAGIC) return E_INVALID_ARGUMENT;
   *g = dev->index;
   *lat = latency_for(*g, sym);
@@ -370,6 +397,8 @@ static nvmlReturn_t do_init(int sym) {
   nvmlReturn_t rc = (nvmlReturn_t)global_long("init_error", 0);
   long lat = latency_for(-1, sym);
   if (rc == OK) {
+    if (stale_epoch()) init_refcount = 0;     /* the references from before the reload are gone */
+    init_epoch = global_long("driver_epoch", 0);
     init_refcount++;
     for (int i = 0; i < MAX_GPUS; i++) { devs[i].magic = DEV_MAGIC; devs[i].index = i; }
   }
@@ -407,7 +436,7 @@ EXPORT nvmlReturn_t nvmlSystemGetCudaDriverVersion_v2(int *v) { return cuda_vers
 /* ================================ enumeration ================================ */
 static nvmlReturn_t get_count(int sym, unsigned *n) {
   long lat_ = 0; nvmlReturn_t rc = enter(sym, &lat_);
-  if (rc == OK) { if (!n) rc = E_INVALID_ARGUMENT; else *n = (unsigned)gpu_count(); }
+  if (rc == OK) { if (!n) rc = E_INVALID_ARGUMENT; else *n = (unsigned)enum_count(); }
   return leave(rc, lat_, -1);
 }
 EXPORT nvmlReturn_t nvmlDeviceGetCount(unsigned *n) { return get_count(S_nvmlDeviceGetCount, n); }
@@ -416,11 +445,12 @@ EXPORT nvmlReturn_t nvmlDeviceGetCount_v2(unsigned *n) { return get_count(S_nvml
 static nvmlReturn_t by_index(int sym, unsigned i, nvmlDevice_t *out) {
   long lat_ = 0; int g = -1; nvmlReturn_t rc = enter(sym, &lat_);
   if (rc != OK) goto out;
-  if (!out || i >= (unsigned)gpu_count()) FAIL(E_INVALID_ARGUMENT);
-  lat_ = latency_for((int)i, sym);
-  if (is_lost((int)i)) FAIL(E_GPU_IS_LOST);
-  if ((rc = injected_error((int)i, sym)) != OK) goto out;
-  *out = &devs[i];
+  int slot = slot_of_index(i);
+  if (!out || slot < 0) FAIL(E_INVALID_ARGUMENT);
+  lat_ = latency_for(slot, sym);
+  if (is_lost(slot)) FAIL(E_GPU_IS_LOST);
+  if ((rc = injected_error(slot, sym)) != OK) goto out;
+  *out = &devs[slot];
   END
 }
 EXPORT nvmlReturn_t nvmlDeviceGetHandleByIndex(unsigned i, nvmlDevice_t *d) { return by_index(S_nvmlDeviceGetHandleByIndex, i, d); }
@@ -433,7 +463,7 @@ EXPORT nvmlReturn_t nvmlDeviceGetHandleByUUID(const char *uuid, nvmlDevice_t *ou
   for (int i = 0; i < gpu_count(); i++) {
     char u[96];
     default_uuid(i, u, sizeof u);
-    if (strcmp(u, uuid) != 0) continue;
+    if (is_absent(i) || strcmp(u, uuid) != 0) continue;
     if (is_lost(i)) FAIL(E_GPU_IS_LOST);
     *out = &devs[i];
     FAIL(OK);
@@ -452,7 +482,7 @@ EXPORT nvmlReturn_t nvmlDeviceGetHandleByPciBusId_v2(const char *bus, nvmlDevice
   for (int i = 0; i < gpu_count(); i++) {
     char b[32];
     default_bus_id(i, b, sizeof b);
-    if (!bus_id_equal(b, bus)) continue;
+    if (is_absent(i) || !bus_id_equal(b, bus)) continue;
     if (is_lost(i)) FAIL(E_GPU_IS_LOST);
     *out = &devs[i];
     FAIL(OK);
@@ -462,7 +492,7 @@ EXPORT nvmlReturn_t nvmlDeviceGetHandleByPciBusId_v2(const char *bus, nvmlDevice
 EXPORT nvmlReturn_t nvmlDeviceGetIndex(nvmlDevice_t d, unsigned *out) {
   BEGIN_DEV(nvmlDeviceGetIndex, d)
   if (!out) FAIL(E_INVALID_ARGUMENT);
-  *out = (unsigned)g;
+  *out = (unsigned)index_of_slot(g);
   END
 }
 
@@ -1040,7 +1070,7 @@ static int next_event(nvmlEventSet_t set, nvmlEventData_t *data) {
       set->offset += (long)n;
       unsigned gpu; unsigned long long type, value; unsigned gi = 0xFFFFFFFFu, ci = 0xFFFFFFFFu;
       if (sscanf(line, "%u %lli %lli %u %u", &gpu, &type, &value, &gi, &ci) < 3) continue;
-      if (gpu >= MAX_GPUS || gpu >= (unsigned)gpu_count() || !(set->mask[gpu] & type)) continue;
+      if (gpu >= MAX_GPUS || gpu >= (unsigned)gpu_count() || is_absent((int)gpu) || !(set->mask[gpu] & type)) continue;
       *data = (nvmlEventData_t){ &devs[gpu], type, value, gi, ci };
       found = 1;
     }

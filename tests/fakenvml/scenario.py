@@ -199,6 +199,39 @@ class FakeNvml:
             self.state.pop(k, None)
         self.write()
 
+    # -- what a GPU reset and a driver reload do (README "Reset and reload") --------------------------
+    def unbind(self, slot: int) -> None:
+        """The GPU leaves the driver (unbind, or a reset in progress): enumeration skips it."""
+        self.gpu(slot, absent=1)
+
+    def rebind(self, slot: int, *, reset: bool = True) -> None:
+        """The GPU is back; after a reset its volatile counters start again from zero and its recovery
+        action is cleared (the aggregate ECC counts and remapped rows live in the InfoROM and stay)."""
+        values: dict[str, object] = {"absent": 0, "lost": 0}
+        if reset:
+            values.update(VOLATILE_AFTER_RESET)
+            for key in list(self.state):
+                prefix = f"gpu.{slot}.nvlink."
+                if key.startswith(prefix) and key.rsplit(".", 1)[1] in NVLINK_COUNTERS:
+                    values[key[len(f"gpu.{slot}."):]] = 0
+        self.gpu(slot, **values)
+
+    def move(self, slot: int, to: int) -> None:
+        """The board in `slot` comes back in slot `to` (another PCI position, hence another index)."""
+        board = {k[len(f"gpu.{slot}."):]: v for k, v in self.state.items() if k.startswith(f"gpu.{slot}.")}
+        for k in [k for k in self.state if k.startswith(f"gpu.{slot}.")]:
+            del self.state[k]
+        self.state[f"gpu.{slot}.absent"] = "1"
+        self.state["gpu_count"] = str(max(int(self.state.get("gpu_count", "0")), to + 1))
+        self.gpu(to, **{**board, "absent": 0})
+
+    def unload_driver(self) -> None:
+        """The kernel module goes away: nvmlInit answers DRIVER_NOT_LOADED, what a process held is stale."""
+        self.set(init_error=9, driver_epoch=int(self.state.get("driver_epoch", "0")) + 1)
+
+    def load_driver(self) -> None:
+        self.set(init_error=0)
+
     def event(self, gpu: int, mask: int, data: int) -> None:
         with open(self.events_path, "a") as f:
             f.write(f"{gpu} {mask:#x} {data}\n")
@@ -208,6 +241,13 @@ class FakeNvml:
 
     def counts(self) -> dict[str, int]:
         return read_counters(self.counters_path)
+
+
+# What a GPU reset zeroes: the volatile ECC counts and the energy counter (counted since the driver last
+# initialised the board); the recovery action the driver asked for is done.
+VOLATILE_AFTER_RESET: dict[str, object] = {"ecc.sbe_vol": 0, "ecc.dbe_vol": 0, "energy_mj": 1000,
+                                           "recovery_action": 0}
+NVLINK_COUNTERS = ("replay", "recovery", "crc_flit", "crc_data")
 
 
 def read_counters(path: Path) -> dict[str, int]:
