@@ -115,9 +115,17 @@ def alert_groups(o: Options) -> list[Group]:
                   "The driver demands a recovery action on a GPU.",
                   on_gpu("reports recovery action {{ $value }} (1 GPU reset, 2 node reboot, 3 drain P2P, "
                          "4 drain and reset).")),
-            Alert("GpuLost", f"{o.m('nvidia_gpu_up')} == 0", "critical", "reboot_node",
+            # a GPU the node agent had the exporter release for a reset is down on purpose (docs/remediation.md)
+            Alert("GpuLost",
+                  f"{o.m('nvidia_gpu_up')} == 0\n"
+                  f"unless on {o.by('job', 'instance', 'gpu', 'uuid')} {o.m('nvidia_gpu_released')} == 1",
+                  "critical", "reboot_node",
                   "A GPU stopped answering NVML.",
                   on_gpu("is lost (fell off the bus or failed); its metrics are gone until it returns."), "1m"),
+            Alert("GpuReleasedTooLong", f"{o.m('nvidia_gpu_released')} == 1", "warning", "none",
+                  "A GPU released for a reset has not been taken back.",
+                  on_gpu("has been released by the exporter for a reset for 30 minutes ({{ $value }}): the node "
+                         "agent's reset is stuck or the agent died; see its audit log, then reacquire."), "30m"),
         ]),
         Group("nvml-exporter-node", "1m", [
             Alert("GpuMissing",
@@ -134,7 +142,11 @@ def alert_groups(o: Options) -> list[Group]:
                   "warning", "none", "The GPU exporter cannot be scraped.",
                   "nvml-exporter on {{ $labels.instance }} (job {{ $labels.job }}) cannot be scraped: "
                   "no GPU health is known for this node.", "5m"),
-            Alert("NvmlDown", f"{o.m('nvml_exporter_nvml_up')} == 0", "critical", "reboot_node",
+            Alert("NvmlDown",
+                  f"{o.m('nvml_exporter_nvml_up')} == 0\n"
+                  f"unless on {o.by('job', 'instance')} max by {o.by('job', 'instance')} "
+                  f"({o.m('nvidia_gpu_released')})",
+                  "critical", "reboot_node",
                   "NVML (the NVIDIA driver library) is not available.",
                   "nvml-exporter on {{ $labels.instance }} cannot initialise NVML: the driver is not loaded or "
                   "the library is missing; no GPU on this node is usable.", "5m"),

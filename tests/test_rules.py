@@ -39,7 +39,7 @@ GPU_ALERTS = {
     "GpuUncorrectableEccErrors", "GpuRowRemapFailed", "GpuRowRemapPending", "GpuRetiredPagesPending",
     "GpuRetiredPagesHigh", "GpuHwThermalSlowdown", "GpuTemperatureNearSlowdown", "GpuMemoryTemperatureHigh",
     "GpuPowerBrake", "GpuPowerLimitBelowDefault", "GpuPcieLinkDegraded", "GpuPcieReplayRateHigh", "GpuNvlinkDown",
-    "GpuNvlinkErrors", "GpuNvlinkCrcErrorRate", "GpuEscalatedToRma"}
+    "GpuNvlinkErrors", "GpuNvlinkCrcErrorRate", "GpuEscalatedToRma", "GpuReleasedTooLong"}
 
 
 def write_pack(directory: Path, **options: Any) -> Path:
