@@ -16,6 +16,14 @@ from typing import Any
 
 from tests.conftest import free_port, wait_for
 
+# a policy that drains on a fell-off-the-bus Xid and only logs the rest
+DRAIN_RULES = """\
+- name: fell-off-bus
+  match: ['alertname="GpuXidFellOffBus"']
+  steps: [drain_node]
+- name: the-rest
+  steps: [log]
+"""
 TOKEN = "test-token-0123456789abcdef"
 UUID1 = "GPU-35afb4b2-0148-580c-b89e-d0578b5f99a9"
 

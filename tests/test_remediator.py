@@ -15,6 +15,7 @@ import pytest
 
 from tests.conftest import samples, wait_for
 from tests.remediator_helpers import (
+    DRAIN_RULES,
     UUID1,
     Remediator,
     alert,
@@ -24,14 +25,6 @@ from tests.remediator_helpers import (
     policy,
     start_remediator,
 )
-
-DRAIN_RULES = """\
-- name: fell-off-bus
-  match: ['alertname="GpuXidFellOffBus"']
-  steps: [drain_node]
-- name: the-rest
-  steps: [log]
-"""
 
 
 @pytest.fixture

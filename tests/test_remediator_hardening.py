@@ -27,6 +27,7 @@ import pytest
 
 from tests.conftest import free_port, wait_for
 from tests.remediator_helpers import (
+    DRAIN_RULES,
     TOKEN,
     UUID1,
     Remediator,
@@ -39,13 +40,6 @@ from tests.remediator_helpers import (
 )
 from tests.test_http_security import make_cert
 
-DRAIN_RULES = """\
-- name: fell-off-bus
-  match: ['alertname="GpuXidFellOffBus"']
-  steps: [drain_node]
-- name: the-rest
-  steps: [log]
-"""
 PAGE = 4096  # tmpfs allocates whole pages: an append that needs a new page is what a full disk refuses
 
 

@@ -43,7 +43,7 @@ from typing import Any
 from .. import __version__, control, logs
 from . import policy as policy_mod
 from .engine import NODE, Engine, Outcome, PayloadError, Runner, plan, resume
-from .store import Audit, Job, StorageError, StorageHealth, Store
+from .store import Job, StorageError, StorageHealth, open_state
 
 log = logging.getLogger("nvml_remediator.agent")
 
@@ -409,13 +409,9 @@ def serve_agent(argv: Sequence[str]) -> int:
         p.error(f"--alertmanager.ca-file: {e}")
     health = StorageHealth()
     try:
-        os.makedirs(args.storage, exist_ok=True)
-        store = Store(os.path.join(args.storage, STATE_FILE), health=health)
-        audit = Audit(args.audit_log, health=health)
-    except OSError as e:
-        p.error(f"cannot open state: {e.filename or args.storage}: {e.strerror or e}")
+        store, audit = open_state(args.storage, STATE_FILE, args.audit_log, health)
     except StorageError as e:
-        p.error(f"cannot open state: {e}")
+        p.error(str(e))
     runner = Runner({"PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"), "LANG": "C.UTF-8"})
     engine = Engine(policy, store, audit, execute=args.execute, runner=runner, workers=1, role="agent")
     steps = NodeSteps(engine, args.storage)

@@ -34,7 +34,7 @@ from ..httpd import TEXT, Exchange, Limits, Server
 from ..webconfig import parse_listen_address
 from . import policy as policy_mod
 from .engine import Engine, PayloadError, Runner, plan, resume
-from .store import Audit, StorageError, StorageHealth, Store
+from .store import StorageError, StorageHealth, Store, open_state
 
 log = logging.getLogger("nvml_remediator")
 
@@ -286,13 +286,9 @@ def serve(argv: Sequence[str]) -> int:
     metrics.dry_run.set(0 if args.execute else 1)
     health = StorageHealth(on_error=lambda store: metrics.storage_errors.labels(store).inc())
     try:
-        os.makedirs(args.storage, exist_ok=True)
-        store = Store(os.path.join(args.storage, STATE_FILE), health=health)
-        audit = Audit(args.audit_log, health=health)
-    except OSError as e:
-        p.error(f"cannot open state: {e.filename or args.storage}: {e.strerror or e}")
+        store, audit = open_state(args.storage, STATE_FILE, args.audit_log, health)
     except StorageError as e:
-        p.error(f"cannot open state: {e}")
+        p.error(str(e))
     runner = Runner({"PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"), "LANG": "C.UTF-8"})
     engine = Engine(policy, store, audit, execute=args.execute, runner=runner, workers=args.workers,
                     on_outcome=lambda action, result: metrics.actions.labels(action, result).inc())

@@ -308,3 +308,15 @@ class Audit:
 
     def close(self) -> None:
         os.close(self._fd)
+
+
+def open_state(directory: str, state_file: str, audit_log: str, health: StorageHealth) -> tuple[Store, Audit]:
+    """The queue (in `directory`) and the audit log of a remediator role; StorageError says why not, in
+    one line for the command line."""
+    try:
+        os.makedirs(directory, exist_ok=True)
+        return Store(os.path.join(directory, state_file), health=health), Audit(audit_log, health=health)
+    except OSError as e:
+        raise StorageError(f"cannot open state: {e.filename or directory}: {e.strerror or e}") from e
+    except StorageError as e:
+        raise StorageError(f"cannot open state: {e}") from e
