@@ -138,6 +138,10 @@ def node() -> dict:
         panel("timeseries", "HBM temperature", [(f"nvidia_gpu_memory_temperature_celsius{{{s}}}", "GPU {{gpu}}"),
                                                 (f'nvidia_gpu_temperature_threshold_celsius{{{s},threshold="memory_max"}}',
                                                  "GPU {{gpu}} memory max")], unit="celsius", w=8),
+        panel("timeseries", "Margin below T.Limit (HW slowdown at the slowdown_tlimit line)",
+              [(f"nvidia_gpu_temperature_margin_celsius{{{s}}}", "GPU {{gpu}}"),
+               (f'nvidia_gpu_temperature_threshold_celsius{{{s},threshold="slowdown_tlimit"}}',
+                "GPU {{gpu}} slowdown")], unit="celsius", w=8),
         panel("timeseries", "Fan speed", [(f"nvidia_gpu_fan_speed_ratio{{{s}}} or "
                                            f"0 * nvidia_gpu_temperature_celsius{{{s}}}", "GPU {{gpu}} fan {{fan}}")],
               unit="percentunit", w=8, description="Passive (SXM) boards have no fans; they show 0."),
