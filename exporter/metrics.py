@@ -175,6 +175,28 @@ GPU_METRICS: tuple[Metric, ...] = (
            valid=NON_NEGATIVE, budget=0),
 )
 
+# The thermal model and early warning (exporter/thermal.py, exporter/risk.py; docs/early-warning.md)
+GPU_METRICS += (
+    Metric("nvidia_gpu_thermal_resistance_celsius_per_watt", GAUGE,
+           "Fitted rise of the GPU temperature per watt of power over the last hours (temperature = intercept + "
+           "R * power, exponentially weighted, shrunk toward 0.06 C/W while the power hardly varied).",
+           source="model over nvmlDeviceGetTemperature and nvmlDeviceGetPowerUsage", valid=(-10.0, 10.0)),
+    Metric("nvidia_gpu_temperature_peer_deviation_celsius", GAUGE,
+           "How much hotter the GPU runs than the median of the node's other GPUs of its kind at the same power "
+           "(fitted temperatures at its mean power). Needs two such peers.",
+           source="thermal model", valid=(-200.0, 200.0)),
+    Metric("nvidia_gpu_clock_peer_deviation_ratio", GAUGE,
+           "SM clock at the power limit relative to the median of the node's other GPUs of its kind at the same "
+           "temperature, minus 1 (-0.08: 8 % slower; fail-slow). Needs two such peers and busy time.",
+           source="DVFS model over nvmlDeviceGetClockInfo(SM) at the power limit", valid=(-1.0, 10.0)),
+    Metric("nvidia_gpu_risk_score", GAUGE,
+           "Early-warning risk 0..1 from deviation against the node's peers and leading indicators; 0 on a "
+           "healthy GPU (docs/early-warning.md).", source="risk model", valid=RATIO, sparse=True, budget=0),
+    Metric("nvidia_gpu_risk_reason", GAUGE,
+           "Each contribution to nvidia_gpu_risk_score, 0..1, by reason: temperature, clocks, ecc, pcie, xid, "
+           "remap_pending.", ("reason",), "risk model", valid=RATIO, sparse=True, budget=0),
+)
+
 EXPORTER_METRICS: tuple[Metric, ...] = (
     Metric("nvml_exporter_build_info", GAUGE, "Build of the exporter; always 1.",
            ("version", "pynvml_version", "python_version"), per_gpu=False),
@@ -202,6 +224,12 @@ EXPORTER_METRICS: tuple[Metric, ...] = (
            ("source",), per_gpu=False, budget=0),
     Metric("nvml_exporter_last_collect_timestamp_seconds", GAUGE,
            "Unix time of the last finished collection.", per_gpu=False),
+    Metric("nvidia_gpu_pci_devices", GAUGE,
+           "NVIDIA GPUs (PCI display/3D functions, vendor 0x10de) the kernel lists on the PCI bus; more than NVML "
+           "answers for means a GPU is gone from the driver.",
+           source="sysfs /sys/bus/pci/devices/*/{vendor,class}, rescanned every 30 s", per_gpu=False),
+    Metric("nvidia_gpu_expected", GAUGE, "GPUs this node should have (--gpus.expected); absent without the flag.",
+           source="--gpus.expected", per_gpu=False, budget=0),
     Metric("nvidia_nvswitch_sxid_errors_total", COUNTER,
            "NVSwitch SXid errors this boot, per NVSwitch (its PCI address), from the kernel journal.",
            ("pci", "sxid"), "kernel journal nvidia-nvswitchN: SXid lines", per_gpu=False, budget=0),
