@@ -236,6 +236,8 @@ EXPORTER_METRICS: tuple[Metric, ...] = (
 )
 
 ALL_METRICS: tuple[Metric, ...] = GPU_METRICS + EXPORTER_METRICS
+# nvidia_gpu_* families of the node rather than of one GPU (the names issue 19 gives them)
+NODE_GPU_FAMILIES = frozenset({"nvidia_gpu_pci_devices", "nvidia_gpu_expected"})
 BUDGET_LIMIT = 50  # series per GPU on a healthy node (issue 14: ~10,000 GPUs on one Prometheus)
 DEMO_GPUS = 8
 BY_NAME: dict[str, Metric] = {m.name: m for m in ALL_METRICS}
