@@ -4,13 +4,17 @@
 Per GPU, O(1) per update, from exponentially weighted sums (time-weighted, so an irregular scrape
 interval does not change what the model says):
 
-- **Thermal resistance**: temperature = intercept + R * power, a least-squares fit over the last hours
-  (time constant FIT_TAU). A GPU whose power hardly moved has no slope of its own to tell: the fit is
-  shrunk toward a prior slope (ridge, PRIOR_WEIGHT W^2), so R is the prior until the GPU's power varies
-  by tens of watts, and the data's once it varies by hundreds.
-- **Temperature peer deviation**: the GPU's fitted temperature at its own mean power minus the median of
-  its same-SKU peers' fitted temperatures at that power: "GPU 3 runs 7 C above its peers at the same
-  power". Ambient swings and shared inlet air cancel out; cooling that degrades shows.
+- **Thermal resistance**: temperature = intercept + R * power, a least-squares fit over the last day
+  (time constant SLOPE_TAU: long enough to hold jobs starting and stopping). A GPU whose power hardly
+  moved has no slope of its own to tell: the fit is shrunk toward a prior slope (ridge, PRIOR_WEIGHT
+  W^2), so R is the prior until the GPU's power varies by tens of watts, and the data's once it varies
+  by hundreds.
+- **Temperature peer deviation**: the GPU's temperature at its power limit, from its mean temperature and
+  power over the last hours (LEVEL_TAU) carried to the limit along its own R, minus the median of its
+  same-SKU peers' the same way: "GPU 3 runs 7 C above its peers at the same power". Ambient swings and
+  shared inlet air cancel out; cooling that degrades shows within hours. Carrying each GPU along its own
+  slope, to one reference power, keeps the per-board spread of R from reading as a change whenever the
+  node goes from idle to busy.
 - **DVFS response and clock peer deviation**: SM clock = c0 + k * temperature, fitted only over samples
   at the power limit and busy (there the clock is what DVFS grants at that temperature), with time that
   counts only while busy (an idle spell neither erases nor dilutes it). The deviation is the GPU's fitted
@@ -31,7 +35,8 @@ from dataclasses import dataclass, field
 from .risk import RiskInputs, RiskTracker
 from .snapshot import Values
 
-FIT_TAU = 2 * 3600.0  # s: the thermal fit's memory
+SLOPE_TAU = 24 * 3600.0  # s: the thermal resistance fit's memory
+LEVEL_TAU = 2 * 3600.0  # s: the mean temperature and power the deviation starts from
 DVFS_TAU = 2 * 3600.0  # s of busy time: the DVFS fit's memory
 MIN_STEP = 10.0  # s: the model takes at most one sample per GPU this often, whatever the scrape rate
 MAX_STEP = 120.0  # s: a gap (exporter stalled, GPU lost) counts as this much, not as hours of one reading
@@ -97,11 +102,13 @@ class _Fit:
 
 
 class _Gpu:
-    __slots__ = ("dvfs", "last", "sku", "thermal")
+    __slots__ = ("dvfs", "last", "level", "limit", "sku", "thermal")
 
     def __init__(self, sku: str):
         self.sku = sku
         self.thermal = _Fit(PRIOR_SLOPE, PRIOR_WEIGHT)
+        self.level = _Fit(PRIOR_SLOPE, PRIOR_WEIGHT)  # (only its means are read)
+        self.limit = 0.0  # the last enforced power limit: the reference power
         self.dvfs = _Fit(PRIOR_DVFS, PRIOR_DVFS_WEIGHT)
         self.last = float("nan")  # time of the last sample taken
 
@@ -134,7 +141,10 @@ class NodeModel:
         g.last = now
         if s.temperature is None or s.power is None:
             return
-        g.thermal.add(math.exp(-dt / FIT_TAU), dt, s.power, s.temperature)
+        g.thermal.add(math.exp(-dt / SLOPE_TAU), dt, s.power, s.temperature)
+        g.level.add(math.exp(-dt / LEVEL_TAU), dt, s.power, s.temperature)
+        if s.power_limit:
+            g.limit = s.power_limit
         busy = (s.utilization is not None and s.utilization >= BUSY_UTIL and s.sm_clock is not None
                 and s.power_limit is not None and s.power_limit > 0 and s.power >= AT_LIMIT * s.power_limit)
         if busy:
@@ -152,12 +162,12 @@ class NodeModel:
             fitted = [(u, g) for u, g in members if g.thermal.w >= MIN_FIT_WEIGHT]
             busy = [(u, g) for u, g in members if g.dvfs.w >= MIN_DVFS_WEIGHT]
             for uuid, g in fitted:
-                _, slope, mean_power = g.thermal.coefficients()
                 values = out.setdefault(uuid, {})
-                values[RESISTANCE] = {(): round(slope, 5)}
-                peers = [p.thermal.at(mean_power) for u, p in fitted if u != uuid]
+                values[RESISTANCE] = {(): round(g.thermal.coefficients()[1], 5)}
+                reference = max((p.limit for _, p in fitted), default=0.0)
+                peers = [_at(p, reference) for u, p in fitted if u != uuid]
                 if len(peers) >= 2:
-                    temp_dev[uuid] = g.thermal.at(mean_power) - statistics.median(peers)
+                    temp_dev[uuid] = _at(g, reference) - statistics.median(peers)
                     values[TEMP_DEVIATION] = {(): round(temp_dev[uuid], 2)}
             for uuid, g in busy:
                 _, _, mean_temp = g.dvfs.coefficients()
@@ -180,6 +190,12 @@ class NodeModel:
         for uuid in [u for u in self._gpus if u not in keep]:
             del self._gpus[uuid]
         self.risk.forget(keep)
+
+
+def _at(g: _Gpu, power: float) -> float:
+    """The GPU's recent temperature carried to `power` along its fitted resistance."""
+    level = g.level
+    return level.y / level.w + g.thermal.coefficients()[1] * (power - level.x / level.w)
 
 
 def sample_of(uuid: str, sku: str, values: Mapping[str, Mapping[tuple[str, ...], float]],
