@@ -105,7 +105,7 @@ def poisson(rng: random.Random, lam: float) -> int:
 class Alert:
     """`expr for: F` as Prometheus evaluates it: firing once true for F, each new firing one alarm."""
 
-    __slots__ = ("since", "firing", "fired")
+    __slots__ = ("fired", "firing", "since")
 
     def __init__(self) -> None:
         self.since: float | None = None
@@ -242,6 +242,25 @@ def place_faults(args: argparse.Namespace, rng: random.Random) -> list[Fault]:
             for i, (kind, (n, g)) in enumerate(zip([k for k in KINDS for _ in range(args.faults)], slots, strict=True))]
 
 
+def cost(gpus: int, iterations: int) -> dict:
+    """CPU per scrape of the exporter-side model for one node: NodeModel.update as the collector calls it,
+    every call a new sample (15 s apart, as a 15 s scrape interval gives it)."""
+    rng = random.Random(1)
+    model = NodeModel()
+    batches = [[Sample(uuid=f"GPU-{g}", sku=SKU, temperature=60.0 + rng.random() * 5, power=650 + rng.random() * 50,
+                       power_limit=POWER_LIMIT, sm_clock=1.9e9, utilization=0.97, ecc_corrected=0.0,
+                       pcie_replays=float(k), remap_pending=0.0, xids={})
+                for g in range(gpus)] for k in range(64)]
+    for k in range(200):  # warm
+        model.update(k * 15.0, batches[k % 64])
+    started = time.process_time()
+    for k in range(iterations):
+        model.update((200 + k) * 15.0, batches[k % 64])
+    per_scrape = (time.process_time() - started) / iterations
+    return {"gpus": gpus, "iterations": iterations, "cpu_us_per_scrape": round(per_scrape * 1e6, 1),
+            "cpu_us_per_gpu": round(per_scrape * 1e6 / gpus, 1)}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--nodes", type=int, default=64)
@@ -250,7 +269,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--step", type=float, default=60.0, help="seconds between samples (default 60)")
     p.add_argument("--faults", type=int, default=8, help="GPUs per degradation kind (default 8)")
     p.add_argument("--seed", type=int, default=19)
+    p.add_argument("--cost", action="store_true", help="only time the model's CPU per scrape (8 and 64 GPUs)")
     args = p.parse_args(argv)
+    if args.cost:
+        json.dump([cost(8, 5000), cost(64, 1000)], sys.stdout)
+        sys.stdout.write("\n")
+        return 0
     if args.nodes < 1 or args.gpus < 3 or args.step < 10 or args.faults < 0:
         p.error("need --nodes >= 1, --gpus >= 3 (two peers), --step >= 10, --faults >= 0")
     if args.faults * len(KINDS) > args.nodes * args.gpus:

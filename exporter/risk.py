@@ -23,7 +23,6 @@ is enough. Healthy GPUs score exactly 0, so the two families are sparse (metrics
 from __future__ import annotations
 
 import math
-import statistics
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
@@ -37,6 +36,29 @@ REASONS = ("temperature", "clocks", "ecc", "pcie", "xid", "remap_pending")
 
 SCORE = "nvidia_gpu_risk_score"
 REASON = "nvidia_gpu_risk_reason"
+
+
+def peer_medians(values: list[float]) -> list[float]:
+    """For each value, the median of the others: O(n log n) for the node, not O(n^2)."""
+    n = len(values)
+    if n < 2:
+        raise ValueError("a median of the others needs two values")
+    order = sorted(range(n), key=values.__getitem__)
+    ranked = [values[i] for i in order]
+    rank = [0] * n
+    for r, i in enumerate(order):
+        rank[i] = r
+    half, odd = (n - 1) // 2, (n - 1) % 2 == 1
+    out = []
+    for i in range(n):
+        r = rank[i]
+        hi = ranked[half + 1] if half >= r else ranked[half]  # the others' element at `half`
+        if odd:
+            out.append(hi)
+        else:
+            lo = ranked[half] if half - 1 >= r else ranked[half - 1]
+            out.append((lo + hi) / 2)
+    return out
 
 
 def ramp(x: float | None, low: float, high: float) -> float:
@@ -115,20 +137,25 @@ class RiskTracker:
                 st.baseline = dev
             rise[g.uuid] = dev - st.baseline
             st.baseline += (dev - st.baseline) * (1 - math.exp(-dt / BASELINE_TAU))
+        # each rate above the median of the GPU's same-SKU peers (0 without peers: the rate itself counts)
+        excess: dict[str, list[float]] = {}
+        by_sku: dict[str, list[RiskInputs]] = {}
+        for g in batch:
+            by_sku.setdefault(g.sku, []).append(g)
+        for members in by_sku.values():
+            columns = [[rates[g.uuid][k] for g in members] for k in range(3)]
+            medians = [peer_medians(c) if len(c) > 1 else [0.0] for c in columns]
+            for j, g in enumerate(members):
+                excess[g.uuid] = [columns[k][j] - medians[k][j] for k in range(3)]
         out: dict[str, Values] = {}
         for g in batch:
-            peers = [rates[p.uuid] for p in batch if p.sku == g.sku and p.uuid != g.uuid]
-            ecc, pcie, xid = rates[g.uuid]
-
-            def excess(mine: float, k: int, peers: list[tuple[float, float, float]] = peers) -> float:
-                return mine - (statistics.median(p[k] for p in peers) if peers else 0.0)
-
+            ecc, pcie, xid = excess[g.uuid]
             components = {
                 "temperature": max(ramp(rise[g.uuid], 2.5, 6.0), ramp(g.temperature_deviation, 10.0, 16.0)),
                 "clocks": ramp(None if g.clock_deviation is None else -g.clock_deviation, 0.04, 0.07),
-                "ecc": ramp(excess(ecc, 0), 6.0, 60.0),
-                "pcie": ramp(excess(pcie, 1), 60.0, 600.0),
-                "xid": ramp(excess(xid, 2), 2.0, 5.0),
+                "ecc": ramp(ecc, 6.0, 60.0),
+                "pcie": ramp(pcie, 60.0, 600.0),
+                "xid": ramp(xid, 2.0, 5.0),
                 "remap_pending": 1.0 if g.remap_pending else 0.0,
             }
             keep = 1.0

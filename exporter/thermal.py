@@ -18,8 +18,8 @@ interval does not change what the model says):
 - **DVFS response and clock peer deviation**: SM clock = c0 + k * temperature, fitted only over samples
   at the power limit and busy (there the clock is what DVFS grants at that temperature), with time that
   counts only while busy (an idle spell neither erases nor dilutes it). The deviation is the GPU's fitted
-  clock at its own busy temperature over the median of its peers' at that temperature, minus 1: "GPU 5
-  clocks 8 % below its peers at the same temperature and power" (fail-slow).
+  clock at the node's median busy temperature over the median of its peers' at that temperature, minus
+  1: "GPU 5 clocks 8 % below its peers at the same temperature and power" (fail-slow).
 
 Peers are the node's other GPUs of the same name; with fewer than two peers no deviation is served.
 Where it is computed, and why there rather than in recording rules: docs/early-warning.md.
@@ -32,7 +32,7 @@ import statistics
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
-from .risk import RiskInputs, RiskTracker
+from .risk import RiskInputs, RiskTracker, peer_medians
 from .snapshot import Values
 
 SLOPE_TAU = 24 * 3600.0  # s: the thermal resistance fit's memory
@@ -161,21 +161,23 @@ class NodeModel:
         for members in by_sku.values():
             fitted = [(u, g) for u, g in members if g.thermal.w >= MIN_FIT_WEIGHT]
             busy = [(u, g) for u, g in members if g.dvfs.w >= MIN_DVFS_WEIGHT]
+            reference = max((p.limit for _, p in fitted), default=0.0)
+            at_limit = [_at(p, reference) for _, p in fitted]
+            temps = ({u: t - m for (u, _), t, m in zip(fitted, at_limit, peer_medians(at_limit), strict=True)}
+                     if len(fitted) >= 3 else {})
             for uuid, g in fitted:
                 values = out.setdefault(uuid, {})
                 values[RESISTANCE] = {(): round(g.thermal.coefficients()[1], 5)}
-                reference = max((p.limit for _, p in fitted), default=0.0)
-                peers = [_at(p, reference) for u, p in fitted if u != uuid]
-                if len(peers) >= 2:
-                    temp_dev[uuid] = _at(g, reference) - statistics.median(peers)
+                if len(fitted) >= 3:
+                    temp_dev[uuid] = temps[uuid]
                     values[TEMP_DEVIATION] = {(): round(temp_dev[uuid], 2)}
-            for uuid, g in busy:
-                _, _, mean_temp = g.dvfs.coefficients()
-                peers = [p.dvfs.at(mean_temp) for u, p in busy if u != uuid]
-                reference = statistics.median(peers) if len(peers) >= 2 else 0.0
-                if reference > 0:
-                    clock_dev[uuid] = g.dvfs.at(mean_temp) / reference - 1
-                    out.setdefault(uuid, {})[CLOCK_DEVIATION] = {(): round(clock_dev[uuid], 4)}
+            if len(busy) >= 3:  # every GPU's DVFS fit at one temperature: the node's median busy temperature
+                hot = statistics.median(g.dvfs.x / g.dvfs.w for _, g in busy)
+                clocks = [g.dvfs.at(hot) for _, g in busy]
+                for (uuid, _), clock, reference in zip(busy, clocks, peer_medians(clocks), strict=True):
+                    if reference > 0:
+                        clock_dev[uuid] = clock / reference - 1
+                        out.setdefault(uuid, {})[CLOCK_DEVIATION] = {(): round(clock_dev[uuid], 4)}
         inputs = [RiskInputs(uuid=s.uuid, sku=s.sku, temperature_deviation=temp_dev.get(s.uuid),
                              clock_deviation=clock_dev.get(s.uuid), ecc_corrected=s.ecc_corrected,
                              pcie_replays=s.pcie_replays, remap_pending=s.remap_pending, xids=s.xids)

@@ -126,3 +126,12 @@ def test_the_exporter_serves_the_model_and_the_risk_over_the_fake(fake: FakeNvml
     # GPU 1's 8 C is a standing offset from the start, below the 10 C at which the offset alone counts:
     # it is charted, not scored (a rise over its own baseline would be). Healthy: sparse, not served.
     assert not any(k.startswith(SCORE) and ('gpu="0"' in k or 'gpu="1"' in k) for k in s)
+
+
+@pytest.mark.parametrize("values", [[3.0, 1.0, 2.0], [5.0, 1.0, 4.0, 2.0], [1.0, 1.0, 7.0, 2.0, 9.0, 0.0, 3.0, 3.0]])
+def test_peer_medians_are_the_median_of_the_others(values: list[float]) -> None:
+    import statistics
+
+    from nvml_exporter.risk import peer_medians
+
+    assert peer_medians(values) == [statistics.median(values[:i] + values[i + 1:]) for i in range(len(values))]
