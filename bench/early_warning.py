@@ -68,11 +68,13 @@ class Fault:
     detected: float | None = None
     reason: str = ""
 
+    end: float = 0.0  # the end of the run: a throttle after it leaves the lead a lower bound
+
     @property
     def lead_hours(self) -> float | None:
-        if self.detected is None or self.event is None:
+        if self.detected is None:
             return None
-        return round((self.event - self.detected) / 3600, 2)
+        return round(((self.end if self.event is None else self.event) - self.detected) / 3600, 2)
 
 
 @dataclass
@@ -125,11 +127,12 @@ class Alert:
 
 def run_node(node: int, args: argparse.Namespace, faults: list[Fault], seed: int) -> dict:
     rng = random.Random(seed)
-    gpus = args.gpus
-    boards = [Board(rng.gauss(*RESISTANCE), rng.gauss(0, INTERCEPT_SPREAD), rng.gauss(1, SILICON_SPREAD),
-                    rng.random() < NOISY_ECC, rng.random() < NOISY_PCIE) for _ in range(gpus)]
+    gpus, k = args.gpus, args.noise  # k scales every healthy spread and noise
+    boards = [Board(rng.gauss(RESISTANCE[0], RESISTANCE[1] * k), rng.gauss(0, INTERCEPT_SPREAD * k),
+                    rng.gauss(1, SILICON_SPREAD * k), rng.random() < NOISY_ECC * k, rng.random() < NOISY_PCIE * k)
+              for _ in range(gpus)]
     mine = {f.gpu: f for f in faults}
-    phase, node_offset = rng.uniform(0, 86400), rng.gauss(0, 1.0)
+    phase, node_offset = rng.uniform(0, 86400), rng.gauss(0, 1.0 * k)
     model = NodeModel()
     alerts = {(g, th, hold): Alert() for g in range(gpus) for th, hold in GRID}
     shipped = {g: alerts[(g, RISK_THRESHOLD, RISK_FOR)] for g in range(gpus)}
@@ -148,7 +151,7 @@ def run_node(node: int, args: argparse.Namespace, faults: list[Fault], seed: int
             else:
                 job_kind = "memory" if rng.random() < MEMORY_BOUND else "compute"
                 job_until = t + min(max(rng.expovariate(1 / (JOB_HOURS * 3600)), 1200.0), 86400.0)
-        ambient = 22 + node_offset + DIURNAL * math.sin(2 * math.pi * (t - phase) / 86400)
+        ambient = 22 + node_offset + DIURNAL * k * math.sin(2 * math.pi * (t - phase) / 86400)
         batch = []
         for g, b in enumerate(boards):
             f = mine.get(g)
@@ -166,7 +169,7 @@ def run_node(node: int, args: argparse.Namespace, faults: list[Fault], seed: int
                 extra = COOLING_RATE * (stop - f.onset)
             target = ambient + 8 + b.resistance * power + b.offset + extra
             b.temp += (target - b.temp) * (1 - math.exp(-step / THERMAL_TAU))
-            temp = b.temp + rng.gauss(0, TEMP_NOISE)
+            temp = b.temp + rng.gauss(0, TEMP_NOISE * k)
             if job_kind == "idle":
                 clock = IDLE_CLOCK
             elif job_kind == "memory":
@@ -180,15 +183,15 @@ def run_node(node: int, args: argparse.Namespace, faults: list[Fault], seed: int
                 if f is not None and f.kind == "cooling" and t >= f.onset and f.event is None:
                     f.event = t
             hours = step / 3600
-            rate = NOISY_ECC_RATE if b.noisy_ecc else ECC_PER_HOUR
+            rate = NOISY_ECC_RATE * k if b.noisy_ecc else ECC_PER_HOUR
             if f is not None and f.kind == "ecc_burst" and t >= f.onset:
                 age = (t - f.onset) / 3600
                 rate += ECC_START * 2 ** (age / ECC_DOUBLING)
                 if age >= ECC_HOURS:
                     b.remap_pending = 1.0
             b.ecc += poisson(rng, rate * hours)
-            b.replays += poisson(rng, (NOISY_PCIE_RATE if b.noisy_pcie else REPLAY_PER_HOUR) * hours)
-            if rng.random() < XID31_PER_DAY * step / 86400:
+            b.replays += poisson(rng, (NOISY_PCIE_RATE * k if b.noisy_pcie else REPLAY_PER_HOUR) * hours)
+            if rng.random() < XID31_PER_DAY * k * step / 86400:
                 b.xids[31] = b.xids.get(31, 0) + 1
             batch.append(Sample(uuid=f"n{node}-g{g}", sku=SKU, temperature=round(temp), power=power,
                                 power_limit=POWER_LIMIT, sm_clock=clock, utilization=util, ecc_corrected=b.ecc,
@@ -211,6 +214,7 @@ def run_node(node: int, args: argparse.Namespace, faults: list[Fault], seed: int
                 f.detected, f.event, f.reason = t, f.onset, "gpu_gone"  # NVML count < PCI count, for 2m
         t += step
     for f in faults:
+        f.end = end
         if f.kind == "fail_slow":
             f.event = f.onset + FAIL_SLOW_FAILURE_HOURS * 3600
         if f.kind == "ecc_burst":
@@ -269,14 +273,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--step", type=float, default=60.0, help="seconds between samples (default 60)")
     p.add_argument("--faults", type=int, default=8, help="GPUs per degradation kind (default 8)")
     p.add_argument("--seed", type=int, default=19)
+    p.add_argument("--noise", type=float, default=1.0,
+                   help="scale every healthy spread and noise rate (default 1; 2: a fleet twice as noisy)")
     p.add_argument("--cost", action="store_true", help="only time the model's CPU per scrape (8 and 64 GPUs)")
     args = p.parse_args(argv)
     if args.cost:
         json.dump([cost(8, 5000), cost(64, 1000)], sys.stdout)
         sys.stdout.write("\n")
         return 0
-    if args.nodes < 1 or args.gpus < 3 or args.step < 10 or args.faults < 0:
-        p.error("need --nodes >= 1, --gpus >= 3 (two peers), --step >= 10, --faults >= 0")
+    if args.nodes < 1 or args.gpus < 3 or args.step < 10 or args.faults < 0 or args.noise < 0:
+        p.error("need --nodes >= 1, --gpus >= 3 (two peers), --step >= 10, --faults >= 0, --noise >= 0")
     if args.faults * len(KINDS) > args.nodes * args.gpus:
         p.error("more faults than GPUs")
     rng = random.Random(args.seed)
@@ -300,7 +306,7 @@ def main(argv: list[str] | None = None) -> int:
                           "detected_6h_ahead": sum(1 for x in leads if x >= 6)}
     report = {
         "fleet": {"nodes": args.nodes, "gpus_per_node": args.gpus, "days": args.days, "step_s": args.step,
-                  "seed": args.seed},
+                  "seed": args.seed, "noise": args.noise},
         "alert": {"threshold": RISK_THRESHOLD, "for_s": RISK_FOR},
         "healthy_gpu_days": round(healthy_days, 1),
         "false_alarms": false[(RISK_THRESHOLD, RISK_FOR)],
@@ -310,7 +316,8 @@ def main(argv: list[str] | None = None) -> int:
                   "per_1000_gpu_days": round(1000 * false[(th, hold)] / max(healthy_days, 1e-9), 3)}
                  for th, hold in GRID],
         "per_kind": per_kind,
-        "faults": [{**asdict(f), "lead_hours": f.lead_hours} for f in faults],
+        "faults": [{**asdict(f), "lead_hours": f.lead_hours, "lead_is_lower_bound": f.event is None}
+                   for f in faults],
         "wall_s": round(time.monotonic() - started, 1), "cpu_s": round(time.process_time() - cpu, 1),
     }
     json.dump(report, sys.stdout, indent=1)

@@ -37,7 +37,7 @@ from .snapshot import Values
 
 SLOPE_TAU = 24 * 3600.0  # s: the thermal resistance fit's memory
 LEVEL_TAU = 2 * 3600.0  # s: the mean temperature and power the deviation starts from
-DVFS_TAU = 2 * 3600.0  # s of busy time: the DVFS fit's memory
+DVFS_TAU = 3600.0  # s of busy time at the power limit: the DVFS fit's memory
 MIN_STEP = 10.0  # s: the model takes at most one sample per GPU this often, whatever the scrape rate
 MAX_STEP = 120.0  # s: a gap (exporter stalled, GPU lost) counts as this much, not as hours of one reading
 PRIOR_SLOPE = 0.06  # C/W: H100/H200 SXM, ~30 C idle at ~70 W to ~70 C at 700 W (docs/hardware, demo)
