@@ -9,8 +9,8 @@ mapped to 0..1 by a ramp that is 0 inside healthy noise (calibrated on the simul
 | reason | what | ramp 0 -> 1 |
 |---|---|---|
 | temperature | rise of the temperature peer deviation over its own 24 h baseline | 2.5 -> 6 C |
-|  | (cooling that degrades), or the deviation itself | 10 -> 16 C |
-| clocks | SM clock below the peers' at the same temperature and power (fail-slow) | 4 % -> 7 % |
+|  | (cooling that degrades), or the deviation itself | 15 -> 25 C |
+| clocks | SM clock below the peers' at the same temperature and power (fail-slow) | 5 % -> 8 % |
 | ecc | corrected-ECC rate above the peers' median (a burst concentrated on one GPU) | 3 -> 30 /h |
 | pcie | PCIe replay rate above the peers' median | 60 -> 600 /h |
 | xid | Xid 13, 31 (MMU fault), 43 over the last ~12 h above the peers' median | 2 -> 5 |
@@ -151,8 +151,8 @@ class RiskTracker:
         for g in batch:
             ecc, pcie, xid = excess[g.uuid]
             components = {
-                "temperature": max(ramp(rise[g.uuid], 2.5, 6.0), ramp(g.temperature_deviation, 10.0, 16.0)),
-                "clocks": ramp(None if g.clock_deviation is None else -g.clock_deviation, 0.04, 0.07),
+                "temperature": max(ramp(rise[g.uuid], 2.5, 6.0), ramp(g.temperature_deviation, 15.0, 25.0)),
+                "clocks": ramp(None if g.clock_deviation is None else -g.clock_deviation, 0.05, 0.08),
                 "ecc": ramp(ecc, 3.0, 30.0),
                 "pcie": ramp(pcie, 60.0, 600.0),
                 "xid": ramp(xid, 2.0, 5.0),
