@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import math
 import statistics
+import threading
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
@@ -121,9 +122,13 @@ class NodeModel:
         self._gpus: dict[str, _Gpu] = {}
         self.risk = RiskTracker()
         self._out: dict[str, Values] = {}
+        self._lock = threading.Lock()  # (a collection and a one-shot collect() may meet here)
 
     def update(self, now: float, samples: Iterable[Sample]) -> dict[str, Values]:
-        batch = list(samples)
+        with self._lock:
+            return self._update(now, list(samples))
+
+    def _update(self, now: float, batch: list[Sample]) -> dict[str, Values]:
         took = False
         for s in batch:
             g = self._gpus.get(s.uuid)
