@@ -696,8 +696,8 @@ class Collector:
         if self._peers is None:
             return {}
         samples = []
-        for g in base:
-            if g.up and not g.stale and g.identity.uuid:
+        for g in base:  # (a stale GPU's last good values count again: its series do not come and go)
+            if g.up and g.identity.uuid:
                 xids = {code: count for code, (count, _) in self.xids.series(g.identity.uuid).items()}
                 samples.append(sample_of(g.identity.uuid, g.identity.name, g.values, xids))
         return self._peers.update(mono, samples)
