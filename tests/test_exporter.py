@@ -189,7 +189,9 @@ def test_every_metric_with_the_value_the_scenario_implies(fake: FakeNvml, start_
                        "nvidia_nvswitch_sxid_errors_total",
                        # only with a --collect.workload.* source (tests/test_workload_exporter.py)
                        "nvidia_gpu_workload_info", "nvml_exporter_workloads_dropped_total",
-                       "nvml_exporter_workload_refresh_errors_total"}
+                       "nvml_exporter_workload_refresh_errors_total",
+                       # only with --gpus.expected (tests/test_pcibus.py)
+                       "nvidia_gpu_expected"}
     # GPU 3's throttling and pending remap show in its diagnosis
     uuid3 = state["gpu.3.uuid"]
     assert s[f'nvidia_gpu_health{{gpu="3",uuid="{uuid3}",check="thermal"}}'] == 2

@@ -38,7 +38,7 @@ def prometheus(tmp_path: Path, fake: FakeNvml, start_exporter) -> Iterator[Api]:
     ])
     exp = start_exporter(fake, "--collect.min-interval=100ms", f"--xid.journal-path={journal}",
                          f"--history.path={tmp_path / 'history.sqlite'}",
-                         f"--collect.workload.slurm-dir={jobs}", wait_ready=True)
+                         f"--collect.workload.slurm-dir={jobs}", "--gpus.expected=8", wait_ready=True)
     with promstack.prometheus(tmp_path, exp.port) as prom:
         yield prom
 
