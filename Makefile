@@ -11,7 +11,7 @@ CFLAGS_FAKE := -O2 -g -Wall -Wextra -Werror -std=c11 -fPIC -shared -fvisibility=
 VERSION := $(shell sed -n 's/^__version__ = "\(.*\)"/\1/p' exporter/__init__.py)
 DEB := dist/prometheus-nvml-exporter_$(VERSION)_all.deb
 
-.PHONY: deps venv fakenvml test lint demo docs deb bench bench-idle bench-fleet gpu-carry clean
+.PHONY: deps venv fakenvml test lint demo docs deb bench bench-idle bench-fleet bench-early-warning gpu-carry clean
 
 deps:
 	@tools/install-deps
@@ -75,6 +75,16 @@ build/bench-venv/bin/nvitop-exporter:
 
 bench-idle: venv fakenvml
 	$(BIN)/python bench/run.py --idle
+
+# The early-warning evaluation (docs/early-warning.md): 64 nodes x 8 GPUs x 7 days with injected
+# degradations through the exporter's own model; a few minutes. Writes build/early-warning.json and prints
+# the model's CPU per scrape. `make test` runs a small version of it (tests/test_early_warning.py).
+bench-early-warning: venv
+	mkdir -p build
+	$(BIN)/python bench/early_warning.py > build/early-warning.json
+	$(BIN)/python -c 'import json; r = json.load(open("build/early-warning.json")); \
+		print(json.dumps({k: r[k] for k in ("healthy_gpu_days", "false_alarms_per_1000_gpu_days", "per_kind")}, indent=1))'
+	$(BIN)/python bench/early_warning.py --cost
 
 build/cref/cref: $(CREF_SRC) | deps
 	mkdir -p build/cref

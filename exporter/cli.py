@@ -19,7 +19,9 @@ from .collector import Collector
 from .exposition import BuildInfo
 from .history import BOOT_ID_PATH, History, HistoryError
 from .nvml import Library
+from .pcibus import SYSFS_PCI
 from .server import App, Server
+from .thermal import NodeModel
 from .webconfig import parse_listen_address
 from .workload import wiring
 
@@ -97,6 +99,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "were down or counted errors since the exporter started (the per-GPU totals are always "
                         "served)")
     add_workload_flags(p)
+    p.add_argument("--gpus.expected", dest="gpus_expected", type=positive_int, metavar="N",
+                   help="GPUs this node should have: served as nvidia_gpu_expected, for the GPU-gone alert")
+    p.add_argument("--collect.pci.sysfs-root", dest="pci_root", default=SYSFS_PCI, metavar="DIR",
+                   help=f"where the kernel lists PCI functions, for nvidia_gpu_pci_devices (default {SYSFS_PCI}; "
+                        "a container may need the host's; empty: not read)")
     p.add_argument("--nvml.library", dest="library", metavar="PATH",
                    help="load this libnvidia-ml.so.1 instead of the one the dynamic linker finds")
     p.add_argument("--xid.journal", dest="journal", action=argparse.BooleanOptionalAction, default=True,
@@ -165,7 +172,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     collector = Collector(Library(args.library), min_interval=args.min_interval,
                           slow_interval=args.slow_interval, journal=args.journal, journal_path=args.journal_path,
-                          nvlink_per_link=args.nvlink_per_link, history=history)
+                          nvlink_per_link=args.nvlink_per_link, history=history, pci_root=args.pci_root or None,
+                          expected_gpus=args.gpus_expected, peers=NodeModel())
     workloads = wiring.build(collector, slurm_dir=args.workload_slurm_dir,
                              kubelet_socket=args.workload_kubelet_socket, processes=args.workload_processes,
                              interval=args.workload_interval)

@@ -37,8 +37,10 @@ from .history import History, HistoryError
 from .journal import JournalFollower, pci_key
 from .metrics import BY_NAME
 from .nvml import GpuLost, GpuReader, Library, NvmlError, NvmlStale, error_name
+from .pcibus import PciBusError, count_nvidia_gpus
 from .snapshot import Deliver, ExporterState, GpuIdentity, GpuSnapshot, Snapshot, Values
 from .sparse import NvlinkTotals, Reveal, ZeroFirst
+from .thermal import NodeModel, sample_of
 from .workload import Tracker
 from .xid import DAY
 from .xidstore import XidEvent, XidStore
@@ -206,8 +208,18 @@ class Collector:
         wall: Callable[[], float] = time.time,
         history: History | None = None,
         workloads: Tracker | None = None,
+        pci_root: str | None = None,
+        expected_gpus: int | None = None,
+        peers: NodeModel | None = None,
     ):
         self._lib = library
+        # GPU-gone (pcibus.py): NVIDIA GPUs on the PCI bus, rescanned with each re-enumeration; None: not read
+        self._pci_root = pci_root
+        self._pci_devices: int | None = None
+        self._pci_error = ""
+        self.expected_gpus = expected_gpus
+        # The thermal model, peer deviations and risk score of the node's GPUs (thermal.py, risk.py)
+        self._peers = peers
         self.workloads = workloads  # nvidia_gpu_workload_info, read by its own threads (exporter/workload)
         self._min_interval = min_interval
         self._slow_interval = slow_interval
@@ -290,6 +302,7 @@ class Collector:
 
     def _manage(self) -> None:
         delay, max_delay = self._init_backoff
+        self._scan_pci()  # (also while NVML is missing: then the bus is all that says GPUs are there)
         while not self._stop.is_set():
             try:
                 self._lib.init()
@@ -472,11 +485,27 @@ class Collector:
                     return g.identity.uuid
         return None
 
+    def _scan_pci(self) -> None:
+        if self._pci_root is None:
+            return
+        try:
+            count: int | None = count_nvidia_gpus(self._pci_root)
+            error = ""
+        except PciBusError as e:
+            count, error = None, str(e)
+        if error != self._pci_error:  # (logged once until it changes)
+            if error:
+                log.warning("PCI bus not readable: nvidia_gpu_pci_devices is not served", extra={"error": error})
+            self._pci_error = error
+        with self._lock:
+            self._pci_devices = count
+
     def _rediscover(self) -> None:
         """Add GPUs that enumeration shows and we do not track yet, and follow the ones that moved to
         another index (a GPU unbound or reset before them: indices shift). GPUs that vanish are kept:
         they stay `up 0` (with no readings) until the exporter restarts, which is what an operator must
         see; one that returns, at any index, is the same board by its UUID."""
+        self._scan_pci()
         try:
             count = self._lib.device_count()
             at: dict[int, str | None] = {}
@@ -808,7 +837,8 @@ class Collector:
                 for g in self._gpus
             ]
         now, mono = self._wall(), self._clock()
-        gpus = tuple(self._diagnosed(g, now, mono) for g in base)
+        extra = self._model(base, mono)
+        gpus = tuple(self._diagnosed(g, now, mono, extra.get(g.identity.uuid)) for g in base)
         with self._lock:
             state = ExporterState(
                 nvml_up=self._nvml_up,
@@ -822,6 +852,8 @@ class Collector:
                 sxids=self.xids.sxids(),
                 workloads_dropped=None if self.workloads is None else self.workloads.dropped,
                 workload_errors={} if self.workloads is None else self.workloads.errors_total(),
+                pci_devices=self._pci_devices,
+                expected_gpus=self.expected_gpus,
             )
         return Snapshot(gpus=gpus, state=state, taken_at=self._clock())
 
@@ -852,7 +884,18 @@ class Collector:
             return False
         return j.available if j.done_backfill.is_set() else None
 
-    def _diagnosed(self, g: GpuSnapshot, now: float, mono: float) -> GpuSnapshot:
+    def _model(self, base: list[GpuSnapshot], mono: float) -> dict[str, Values]:
+        """The thermal model and risk series of the GPUs that answered (thermal.py)."""
+        if self._peers is None:
+            return {}
+        samples = []
+        for g in base:  # (a stale GPU's last good values count again: its series do not come and go)
+            if g.up and g.identity.uuid:
+                xids = {code: count for code, (count, _) in self.xids.series(g.identity.uuid).items()}
+                samples.append(sample_of(g.identity.uuid, g.identity.name, g.values, xids))
+        return self._peers.update(mono, samples)
+
+    def _diagnosed(self, g: GpuSnapshot, now: float, mono: float, extra: Values | None = None) -> GpuSnapshot:
         """Add Xid series and the diagnosis; these stay on the page while the GPU is lost."""
         uuid = g.identity.uuid
         if not uuid:
@@ -877,6 +920,8 @@ class Collector:
         for name, count in sorted(self.xids.events(uuid).items()):
             values.setdefault("nvidia_gpu_nvml_events_total", {})[(name,)] = float(count)
         values.update(d.series)
+        if extra and g.up:
+            values.update(extra)
         if self.workloads is not None and (workloads := self.workloads.series(g.identity)):
             values["nvidia_gpu_workload_info"] = workloads
         if self._sparse:

@@ -129,6 +129,10 @@ def _exporter_samples(metric: Metric, snap: Snapshot, build: BuildInfo) -> Itera
             series = [((source,), float(n)) for source, n in sorted(s.workload_errors.items())]
         case "nvml_exporter_last_collect_timestamp_seconds":
             series = [((), s.last_collect_timestamp)] if s.last_collect_timestamp else []
+        case "nvidia_gpu_pci_devices":
+            series = [] if s.pci_devices is None else [((), float(s.pci_devices))]
+        case "nvidia_gpu_expected":
+            series = [] if s.expected_gpus is None else [((), float(s.expected_gpus))]
         case "nvidia_nvswitch_sxid_errors_total":
             series = [(key, float(n)) for key, (n, _) in sorted(s.sxids.items())]
         case "nvidia_nvswitch_sxid_last_timestamp_seconds":  # alerts on recency: a count seen at start is old

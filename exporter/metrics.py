@@ -56,8 +56,15 @@ GPU_METRICS: tuple[Metric, ...] = (
     Metric("nvidia_gpu_memory_temperature_celsius", GAUGE, "HBM memory temperature.",
            source="field 82 MEMORY_TEMP", valid=CELSIUS),
     Metric("nvidia_gpu_temperature_threshold_celsius", GAUGE,
-           "The GPU's own temperature thresholds (shutdown, slowdown, gpu_max, memory_max).",
-           ("threshold",), "nvmlDeviceGetTemperatureThreshold", valid=CELSIUS, budget=4),
+           "The GPU's own temperature thresholds: absolute (shutdown, slowdown, gpu_max, memory_max) and, where "
+           "the driver reports them (Ada and later), the T.Limit offsets shutdown_tlimit and slowdown_tlimit: the "
+           "margin (nvidia_gpu_temperature_margin_celsius) at which the GPU shuts down or slows down.",
+           ("threshold",), "nvmlDeviceGetTemperatureThreshold; fields 193-194 TEMPERATURE_{SHUTDOWN,SLOWDOWN}_TLIMIT",
+           valid=CELSIUS, budget=6),
+    Metric("nvidia_gpu_temperature_margin_celsius", GAUGE,
+           "How far the GPU temperature is below its T.Limit (max operating temperature); negative past it. "
+           "HW slowdown starts at the slowdown_tlimit threshold (-2 C on Hopper).",
+           source="nvmlDeviceGetMarginTemperature", valid=(-100.0, 250.0)),
     Metric("nvidia_gpu_power_watts", GAUGE, "Power draw (averaged over 1 s by the driver on Ampere and later).",
            source="nvmlDeviceGetPowerUsage", valid=(0.0, 10000.0)),
     Metric("nvidia_gpu_power_limit_watts", GAUGE, "Power limit the driver enforces now.",
@@ -69,9 +76,9 @@ GPU_METRICS: tuple[Metric, ...] = (
     Metric("nvidia_gpu_fan_speed_ratio", GAUGE, "Fan speed as a fraction of its maximum (absent on passive boards).",
            ("fan",), "nvmlDeviceGetFanSpeed_v2", valid=(0.0, 1.0), budget=0),
     Metric("nvidia_gpu_clock_hertz", GAUGE, "Current clock frequency.",
-           ("clock",), "nvmlDeviceGetClockInfo", valid=(0.0, 1e11), budget=4),
+           ("clock",), "nvmlDeviceGetClockInfo (sm, memory)", valid=(0.0, 1e11), budget=2),
     Metric("nvidia_gpu_clock_max_hertz", GAUGE, "Maximum clock frequency.",
-           ("clock",), "nvmlDeviceGetMaxClockInfo", valid=(0.0, 1e11), budget=4),
+           ("clock",), "nvmlDeviceGetMaxClockInfo (sm, memory)", valid=(0.0, 1e11), budget=2),
     Metric("nvidia_gpu_utilization_ratio", GAUGE, "Fraction of the last sample period a kernel was running.",
            source="nvmlDeviceGetUtilizationRates", valid=RATIO),
     Metric("nvidia_gpu_memory_utilization_ratio", GAUGE,
@@ -172,6 +179,28 @@ GPU_METRICS: tuple[Metric, ...] = (
            valid=NON_NEGATIVE, budget=0),
 )
 
+# The thermal model and early warning (exporter/thermal.py, exporter/risk.py; docs/early-warning.md)
+GPU_METRICS += (
+    Metric("nvidia_gpu_thermal_resistance_celsius_per_watt", GAUGE,
+           "Fitted rise of the GPU temperature per watt of power over the last hours (temperature = intercept + "
+           "R * power, exponentially weighted, shrunk toward 0.06 C/W while the power hardly varied).",
+           source="model over nvmlDeviceGetTemperature and nvmlDeviceGetPowerUsage", valid=(-10.0, 10.0)),
+    Metric("nvidia_gpu_temperature_peer_deviation_celsius", GAUGE,
+           "How much hotter the GPU runs than the median of the node's other GPUs of its kind at the same power "
+           "(fitted temperatures at its mean power). Needs two such peers.",
+           source="thermal model", valid=(-200.0, 200.0)),
+    Metric("nvidia_gpu_clock_peer_deviation_ratio", GAUGE,
+           "SM clock at the power limit relative to the median of the node's other GPUs of its kind at the same "
+           "temperature, minus 1 (-0.08: 8 % slower; fail-slow). Needs two such peers and busy time.",
+           source="DVFS model over nvmlDeviceGetClockInfo(SM) at the power limit", valid=(-1.0, 10.0)),
+    Metric("nvidia_gpu_risk_score", GAUGE,
+           "Early-warning risk 0..1 from deviation against the node's peers and leading indicators; 0 on a "
+           "healthy GPU (docs/early-warning.md).", source="risk model", valid=RATIO, sparse=True, budget=0),
+    Metric("nvidia_gpu_risk_reason", GAUGE,
+           "Each contribution to nvidia_gpu_risk_score, 0..1, by reason: temperature, clocks, ecc, pcie, xid, "
+           "remap_pending.", ("reason",), "risk model", valid=RATIO, sparse=True, budget=0),
+)
+
 EXPORTER_METRICS: tuple[Metric, ...] = (
     Metric("nvml_exporter_build_info", GAUGE, "Build of the exporter; always 1.",
            ("version", "pynvml_version", "python_version"), per_gpu=False),
@@ -199,6 +228,12 @@ EXPORTER_METRICS: tuple[Metric, ...] = (
            ("source",), per_gpu=False, budget=0),
     Metric("nvml_exporter_last_collect_timestamp_seconds", GAUGE,
            "Unix time of the last finished collection.", per_gpu=False),
+    Metric("nvidia_gpu_pci_devices", GAUGE,
+           "NVIDIA GPUs (PCI display/3D functions, vendor 0x10de) the kernel lists on the PCI bus; more than NVML "
+           "answers for means a GPU is gone from the driver.",
+           source="sysfs /sys/bus/pci/devices/*/{vendor,class}, rescanned every 30 s", per_gpu=False),
+    Metric("nvidia_gpu_expected", GAUGE, "GPUs this node should have (--gpus.expected); absent without the flag.",
+           source="--gpus.expected", per_gpu=False, budget=0),
     Metric("nvidia_nvswitch_sxid_errors_total", COUNTER,
            "NVSwitch SXid errors this boot, per NVSwitch (its PCI address), from the kernel journal.",
            ("pci", "sxid"), "kernel journal nvidia-nvswitchN: SXid lines", per_gpu=False, budget=0),
@@ -208,6 +243,8 @@ EXPORTER_METRICS: tuple[Metric, ...] = (
 )
 
 ALL_METRICS: tuple[Metric, ...] = GPU_METRICS + EXPORTER_METRICS
+# nvidia_gpu_* families of the node rather than of one GPU (the names issue 19 gives them)
+NODE_GPU_FAMILIES = frozenset({"nvidia_gpu_pci_devices", "nvidia_gpu_expected"})
 BUDGET_LIMIT = 50  # series per GPU on a healthy node (issue 14: ~10,000 GPUs on one Prometheus)
 DEMO_GPUS = 8
 BY_NAME: dict[str, Metric] = {m.name: m for m in ALL_METRICS}

@@ -76,10 +76,10 @@ CLOCK_EVENT_REASONS: tuple[tuple[int, str], ...] = (
     (0x10, "sync_boost"), (0x20, "sw_thermal_slowdown"), (0x40, "hw_thermal_slowdown"),
     (0x80, "hw_power_brake_slowdown"), (0x100, "display_clock_setting"),
 )
-CLOCKS: tuple[tuple[int, str], ...] = (
-    (pynvml.NVML_CLOCK_GRAPHICS, "graphics"), (pynvml.NVML_CLOCK_SM, "sm"),
-    (pynvml.NVML_CLOCK_MEM, "memory"), (pynvml.NVML_CLOCK_VIDEO, "video"),
-)
+# SM and memory only, as dcgm-exporter (SM_CLOCK, MEM_CLOCK): the graphics clock equals the SM clock on
+# the datacenter boards (H200: 1485/1485 MHz busy) and the video clock says nothing about health; their 4
+# series per GPU paid for the thermal margin and T.Limit offsets within the 50-series budget (issue 19).
+CLOCKS: tuple[tuple[int, str], ...] = ((pynvml.NVML_CLOCK_SM, "sm"), (pynvml.NVML_CLOCK_MEM, "memory"))
 THRESHOLDS: tuple[tuple[int, str], ...] = (
     (pynvml.NVML_TEMPERATURE_THRESHOLD_SHUTDOWN, "shutdown"),
     (pynvml.NVML_TEMPERATURE_THRESHOLD_SLOWDOWN, "slowdown"),
@@ -126,6 +126,11 @@ SLOW_FIELDS: tuple[Field, ...] = (
     Field(143, "nvidia_gpu_remapped_rows", ("uncorrectable",)),
     Field(144, "nvidia_gpu_remapped_rows_pending"),
     Field(145, "nvidia_gpu_remapped_rows_failed"),
+    # T.Limit offsets (signed int C relative to the GPU's T.Limit, Ada and later; nvml.h
+    # NVML_FI_DEV_TEMPERATURE_{SHUTDOWN,SLOWDOWN}_TLIMIT): the margin at which HW slowdown and shutdown
+    # happen, -2 and -8 C on every Hopper capture. Ids 195/196 (memory/GPU max-operating) are 0 there.
+    Field(193, "nvidia_gpu_temperature_threshold_celsius", ("shutdown_tlimit",)),
+    Field(194, "nvidia_gpu_temperature_threshold_celsius", ("slowdown_tlimit",)),
 )
 ECC_FIELD_IDS = frozenset({3, 4, 5, 6})
 
@@ -487,6 +492,10 @@ class GpuReader:
             values["nvidia_gpu_memory_used_bytes"] = {(): float(mem.used)}
             values["nvidia_gpu_memory_free_bytes"] = {(): float(mem.free)}
             values["nvidia_gpu_memory_reserved_bytes"] = {(): float(mem.reserved)}
+        # The signed distance below T.Limit (nvmlDeviceGetMarginTemperature, nvmlMarginTemperature_v1_t)
+        margin = call("nvmlDeviceGetMarginTemperature", pynvml.nvmlDeviceGetMarginTemperature, self.handle)
+        if margin is not _FAILED:
+            values["nvidia_gpu_temperature_margin_celsius"] = {(): float(margin)}
         mask = call("nvmlDeviceGetCurrentClocksEventReasons", g.clock_events)
         if mask is not _FAILED:
             values["nvidia_gpu_clock_event_active"] = _clock_events(mask)

@@ -60,6 +60,8 @@ class ExporterState:
     sxids: Mapping[tuple[str, str], tuple[int, float]] = field(default_factory=dict)
     workloads_dropped: int | None = None  # None while no workload source is configured
     workload_errors: Mapping[str, int] = field(default_factory=dict)  # source -> failed reads
+    pci_devices: int | None = None  # NVIDIA GPUs on the PCI bus (None: not read)
+    expected_gpus: int | None = None  # --gpus.expected
 
 
 @dataclass(frozen=True)

@@ -437,6 +437,73 @@ def record_groups(o: Options) -> list[Group]:
     ]
 
 
+def early_warning_groups(o: Options) -> list[Group]:
+    """Issue 19: the thermal margin, the thermal model's peer deviations, the early-warning score (all
+    computed in the exporter: docs/early-warning.md) and GPU-gone."""
+    gpu = o.by("job", "instance", "gpu", "uuid")
+    node = o.by("job", "instance")
+    gradient = f"{o.m('nvidia_gpu_memory_temperature_celsius')} - {o.m('nvidia_gpu_temperature_celsius')}"
+    # GPUs the exporter knows, answering or not: a known GPU that stopped answering is GpuLost's
+    known = f"count by {node} ({o.m('nvidia_gpu_up')})"
+    return [
+        Group("nvml-exporter-early-warning", "1m", [
+            Alert("GpuThermalMarginLow",
+                  f"{o.m('nvidia_gpu_temperature_margin_celsius')} <= ignoring (threshold) "
+                  f'{o.m("nvidia_gpu_temperature_threshold_celsius", "threshold=" + q("slowdown_tlimit"))}',
+                  "critical", "check_cooling", "A GPU's margin below T.Limit reached its slowdown offset.",
+                  on_gpu("is {{ $value }} °C from its T.Limit, at or past the offset where hardware slowdown "
+                         "starts (NVSentinel's rule)."), "1m"),
+            Alert("GpuHwSlowdownFrequent",
+                  f'sum_over_time({o.m("nvidia_gpu_clock_event_active", "reason=" + q("hw_slowdown"))}[10m]) >= 6',
+                  "warning", "check_cooling", "A GPU keeps entering hardware slowdown.",
+                  on_gpu("was in hardware slowdown in {{ $value }} scrapes of the last 10 minutes (gpud: 0.6 a "
+                         "minute at a 15 s scrape): inspect it.")),
+            Alert("GpuHbmGradientAbnormal",
+                  f"abs(({gradient}) - on {node} group_left () quantile by {node} (0.5, {gradient})) > 8",
+                  "warning", "check_cooling", "A GPU's core-to-HBM temperature gradient differs from its peers'.",
+                  on_gpu("has a core-to-HBM gradient {{ $value }} °C away from its node's median for 30 "
+                         "minutes: check its cold plate contact."), "30m"),
+            Alert("GpuRunsHotterThanPeers", f"{o.m('nvidia_gpu_temperature_peer_deviation_celsius')} > 7",
+                  "warning", "check_cooling", "A GPU runs hotter than its peers at the same power.",
+                  on_gpu("runs {{ $value }} °C above its node's other GPUs of its model at the same power, for "
+                         "an hour: its cooling is degrading."), "1h"),
+            Alert("GpuClocksBelowPeers", f"{o.m('nvidia_gpu_clock_peer_deviation_ratio')} < -0.05",
+                  "warning", "rma_eval", "A GPU clocks below its peers at the same temperature and power.",
+                  on_gpu("clocks {{ $value | humanizePercentage }} against its peers at the same temperature, at "
+                         "the power limit, for an hour (fail-slow)."), "1h"),
+            Alert("GpuEarlyWarning",
+                  f"({o.m('nvidia_gpu_risk_score')} >= 0.5) + on {gpu} group_left (reason) "
+                  f"(0 * topk by {gpu} (1, {o.m('nvidia_gpu_risk_reason')}))",
+                  "warning", "none", "A GPU's early-warning score is high.",
+                  on_gpu("has an early-warning score of {{ $value }} for 30 minutes, mostly from "
+                         "{{ $labels.reason }} (docs/early-warning.md)."), "30m"),
+        ]),
+        Group("nvml-exporter-gpu-gone", "1m", [
+            Alert("GpuGoneFromNvml",
+                  f"{o.m('nvidia_gpu_pci_devices')} > on {node} ({known} or on {node} "
+                  f"0 * {o.m('nvidia_gpu_pci_devices')})",
+                  "critical", "reboot_node", "The PCI bus lists more NVIDIA GPUs than NVML knows.",
+                  "{{ $labels.instance }} lists {{ $value }} NVIDIA GPUs on the PCI bus, more than NVML enumerates: "
+                  "a GPU has fallen off the bus or failed to initialise.", "2m"),
+            Alert("GpuCountBelowExpected",
+                  f"{o.m('nvidia_gpu_expected')} > on {node} ({known} or on {node} "
+                  f"0 * {o.m('nvidia_gpu_expected')})",
+                  "critical", "reboot_node", "A node has fewer GPUs than it should.",
+                  "{{ $labels.instance }} should have {{ $value }} GPUs (--gpus.expected) but NVML enumerates fewer.",
+                  "5m"),
+            Alert("GpuSeriesVanished",
+                  f"present_over_time({o.m('nvidia_gpu_temperature_celsius')}[30m]) unless on {gpu} "
+                  f"{o.m('nvidia_gpu_temperature_celsius')} and on {node} {o.m('nvml_exporter_nvml_up')} == 1\n"
+                  # a GPU NVML reports lost (GpuLost) or the exporter released (a reset) is explained already
+                  f"unless on {gpu} {o.m('nvidia_gpu_up')} == 0",
+                  "warning", "none", "A GPU's readings stopped while its node still reports.",
+                  on_gpu("stopped reporting its readings in the last 30 minutes while its node still reports "
+                         "(value {{ $value }}): the telemetry's collapse that precedes a GPU falling off the bus."),
+                  "2m"),
+        ]),
+    ]
+
+
 class _Dumper(yaml.SafeDumper):
     pass
 
@@ -511,7 +578,7 @@ def render(o: Options) -> dict[str, str]:
             + (f" --job-gpus={o.job_gpus} --job-hours={o.job_hours:g} --checkpoint-hours={o.checkpoint_hours:g}"
                if (o.job_gpus, o.job_hours, o.checkpoint_hours) != (JOB_GPUS, JOB_HOURS, CHECKPOINT_HOURS) else ""))
     out = {}
-    for kind, groups in (("alerts", alert_groups(o)), ("records", record_groups(o))):
+    for kind, groups in (("alerts", alert_groups(o) + early_warning_groups(o)), ("records", record_groups(o))):
         for g in groups:
             assert len(g.rules) <= MAX_RULES_PER_GROUP, g.name
         body = yaml.dump({"groups": [render_group(g, o) for g in groups]}, Dumper=_Dumper, sort_keys=False,

@@ -42,6 +42,7 @@ def test_defaults() -> None:
     ("--log.level=verbose", "invalid choice"),
     ("--web.max-connections=0", "must be at least 1"),
     ("--web.max-connections=many", "invalid number"),
+    ("--gpus.expected=0", "--gpus.expected: must be at least 1"),
     ("--log.format=xml", "invalid choice"),
     ("--no-such-flag", "unrecognized arguments"),
 ])

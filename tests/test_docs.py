@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from nvml_exporter import xid
-from nvml_exporter.metrics import ALL_METRICS, render_markdown
+from nvml_exporter.metrics import ALL_METRICS, NODE_GPU_FAMILIES, render_markdown
 from tests.fakenvml.scenario import REPO, SHIPPED_H100X8, h100_node, read_conf
 
 
@@ -17,7 +17,7 @@ def test_metrics_reference_is_generated_from_the_table() -> None:
 def test_metric_names_follow_the_contract() -> None:
     for m in ALL_METRICS:
         assert m.name.startswith(("nvidia_gpu_", "nvml_exporter_", "nvidia_nvswitch_")), m.name
-        assert m.per_gpu == m.name.startswith("nvidia_gpu_"), m.name
+        assert m.per_gpu == (m.name.startswith("nvidia_gpu_") and m.name not in NODE_GPU_FAMILIES), m.name
         assert m.name.endswith("_total") == (m.type == "counter"), m.name
         assert not {"gpu", "uuid"} & set(m.labels) or not m.per_gpu, m.name
 

@@ -95,9 +95,15 @@ def test_every_metric_with_the_value_the_scenario_implies(fake: FakeNvml, start_
         base, rate = state[f"gpu.{i}.energy_mj"].rstrip("/s").split("+")
         energy = s[f"nvidia_gpu_energy_joules_total{L()}"]  # mJ -> J, growing at the scenario's rate
         assert int(base) / 1000 <= energy <= (int(base) + int(rate) * elapsed) / 1000
-        for clock, key in (("graphics", "graphics"), ("sm", "sm"), ("memory", "mem"), ("video", "video")):
+        for clock, key in (("sm", "sm"), ("memory", "mem")):
             assert s[f"nvidia_gpu_clock_hertz{L(clock=clock)}"] == g(i, f"clock.{key}") * 1e6  # MHz -> Hz
             assert s[f"nvidia_gpu_clock_max_hertz{L(clock=clock)}"] == g(i, f"clock_max.{key}") * 1e6
+        for clock in ("graphics", "video"):  # left out for the budget (exporter/nvml.py CLOCKS)
+            assert f"nvidia_gpu_clock_hertz{L(clock=clock)}" not in s
+        # T.Limit: the margin follows the temperature; the offsets come from fields 193/194 (signed)
+        assert s[f"nvidia_gpu_temperature_margin_celsius{L()}"] == g(i, "threshold.gpu_max") - g(i, "temp")
+        assert s[f"nvidia_gpu_temperature_threshold_celsius{L(threshold='slowdown_tlimit')}"] == -2
+        assert s[f"nvidia_gpu_temperature_threshold_celsius{L(threshold='shutdown_tlimit')}"] == -8
         assert s[f"nvidia_gpu_utilization_ratio{L()}"] == g(i, "util_gpu") / 100  # % -> ratio
         assert s[f"nvidia_gpu_memory_utilization_ratio{L()}"] == g(i, "util_mem") / 100
         # sparse families (docs/metrics.md): a series that has only ever been 0 is not served
@@ -184,7 +190,9 @@ def test_every_metric_with_the_value_the_scenario_implies(fake: FakeNvml, start_
                        "nvidia_nvswitch_sxid_errors_total", "nvidia_nvswitch_sxid_last_timestamp_seconds",
                        # only with a --collect.workload.* source (tests/test_workload_exporter.py)
                        "nvidia_gpu_workload_info", "nvml_exporter_workloads_dropped_total",
-                       "nvml_exporter_workload_refresh_errors_total"}
+                       "nvml_exporter_workload_refresh_errors_total",
+                       # only with --gpus.expected (tests/test_pcibus.py)
+                       "nvidia_gpu_expected"}
     # GPU 3's throttling and pending remap show in its diagnosis
     uuid3 = state["gpu.3.uuid"]
     assert s[f'nvidia_gpu_health{{gpu="3",uuid="{uuid3}",check="thermal"}}'] == 2
@@ -232,7 +240,7 @@ def test_custom_telemetry_path_and_gzip(fake: FakeNvml, start_exporter) -> None:
     import gzip
     import urllib.request
 
-    exp = start_exporter(fake, "--web.telemetry-path=/gpu-metrics")
+    exp = start_exporter(fake, "--web.telemetry-path=/gpu-metrics", wait_ready=True)  # a page big enough to gzip
     assert exp.get("/metrics")[0] == 404
     req = urllib.request.Request(exp.url + "/gpu-metrics", headers={"Accept-Encoding": "gzip"})
     with urllib.request.urlopen(req, timeout=10) as r:

@@ -20,6 +20,12 @@ BOARD = REPO / "docs" / "hardware" / "h200-580.159.04"  # .md, .raw.json
 RAW = json.loads(Path(f"{BOARD}.raw.json").read_text())
 # Counters that grow with time since the driver (or the fake) loaded: present, but not equal.
 GROWING = {"nvidia_gpu_energy_joules_total"}
+# Readings the exporter took up after the capture (issue 19): held to the board's nvidia-smi -q XML instead
+# (gpu_temp_tlimit, gpu_temp_{max,slow}_tlimit_threshold), below.
+AFTER_CAPTURE = {("nvidia_gpu_temperature_margin_celsius", ""),
+                 ("nvidia_gpu_temperature_threshold_celsius", "shutdown_tlimit"),
+                 ("nvidia_gpu_temperature_threshold_celsius", "slowdown_tlimit")}
+DROPPED = {"graphics", "video"}  # clocks the exporter no longer reads (exporter/nvml.py CLOCKS)
 
 
 @pytest.fixture
@@ -58,9 +64,26 @@ def test_the_exporter_reads_the_fake_as_it_read_the_board(h200: object) -> None:
     assert identity.__dict__ == RAW["identity"]
     assert errors == RAW["errors"] == {}  # GetNumFans answers 0, not NOT_SUPPORTED; no NVLink port errors
     assert reader._nvlink_ports() == RAW["nvlink_ports"] == []
-    assert static == RAW["values"]["static"]
+    board_static = {m: {k: v for k, v in series.items() if not (m.startswith("nvidia_gpu_clock") and k in DROPPED)}
+                    for m, series in RAW["values"]["static"].items()}
+    assert static == board_static
     # compared across the slow and fast tiers: a reading may move between them (persistence mode did)
     ours, board = {**slow, **fast}, {**RAW["values"]["slow"], **RAW["values"]["fast"]}
+    board = {m: {k: v for k, v in series.items() if not (m.startswith("nvidia_gpu_clock") and k in DROPPED)}
+             for m, series in board.items()}
+    xml = Path(f"{BOARD}.nvidia-smi-q.xml").read_text()
+
+    def smi(tag: str) -> float:
+        return float(re.search(rf"<{tag}>(-?\d+) C</{tag}>", xml).group(1))
+
+    later = {(m, k): ours[m].pop(k) for m, k in AFTER_CAPTURE}
+    ours = {m: v for m, v in ours.items() if v}
+    assert later == {("nvidia_gpu_temperature_margin_celsius", ""): smi("gpu_temp_tlimit"),
+                     ("nvidia_gpu_temperature_threshold_celsius", "shutdown_tlimit"):
+                         smi("gpu_temp_max_tlimit_threshold"),
+                     ("nvidia_gpu_temperature_threshold_celsius", "slowdown_tlimit"):
+                         smi("gpu_temp_slow_tlimit_threshold")}
+    assert smi("gpu_temp") == fast["nvidia_gpu_temperature_celsius"][""]  # the XML is of the same idle board
     assert ours.keys() == board.keys()
     assert {m: v for m, v in ours.items() if m not in GROWING} == {m: v for m, v in board.items() if m not in GROWING}
 

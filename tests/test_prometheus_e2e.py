@@ -82,7 +82,7 @@ def stacks(tmp_path: Path, fake: FakeNvml, start_exporter) -> Iterator[list[Stac
     ])
     exp = start_exporter(fake, "--collect.min-interval=100ms", f"--xid.journal-path={journal}",
                          f"--history.path={tmp_path / 'history.sqlite'}",
-                         f"--collect.workload.slurm-dir={jobs}", wait_ready=True)
+                         f"--collect.workload.slurm-dir={jobs}", "--gpus.expected=8", wait_ready=True)
     prom_dir, vm_dir = tmp_path / "prometheus", tmp_path / "victoriametrics"
     prom_dir.mkdir()
     with promstack.alertmanager(prom_dir) as am1, promstack.alertmanager(vm_dir) as am2, \

@@ -39,7 +39,9 @@ GPU_ALERTS = {
     "GpuUncorrectableEccErrors", "GpuRowRemapFailed", "GpuRowRemapPending", "GpuRetiredPagesPending",
     "GpuRetiredPagesHigh", "GpuHwThermalSlowdown", "GpuTemperatureNearSlowdown", "GpuMemoryTemperatureHigh",
     "GpuPowerBrake", "GpuPowerLimitBelowDefault", "GpuPcieLinkDegraded", "GpuPcieReplayRateHigh", "GpuNvlinkDown",
-    "GpuNvlinkErrors", "GpuNvlinkCrcErrorRate", "GpuEscalatedToRma", "GpuReleasedTooLong"}
+    "GpuNvlinkErrors", "GpuNvlinkCrcErrorRate", "GpuEscalatedToRma", "GpuReleasedTooLong",
+    "GpuThermalMarginLow", "GpuHwSlowdownFrequent", "GpuHbmGradientAbnormal", "GpuRunsHotterThanPeers",
+    "GpuClocksBelowPeers", "GpuEarlyWarning", "GpuSeriesVanished"}
 
 
 def write_pack(directory: Path, **options: Any) -> Path:

@@ -50,7 +50,7 @@ typedef struct { unsigned id, scope; long long ts, latency; int type; ret_t ret;
 
 /* ---------------------------------------------------------------- the library ---------------- */
 enum sym { INIT, DRIVER, COUNT, HANDLE, NAME, UUID, SERIAL, VBIOS, PCI, MINOR, MAXCLOCK, MAXGEN, MAXWIDTH,
-           NUMFANS, LINKSTATE, THRESHOLD, DEFLIMIT, PERSIST, ECCMODE, TEMP, POWER, LIMIT, FAN, CLOCK, ENC,
+           NUMFANS, LINKSTATE, THRESHOLD, DEFLIMIT, PERSIST, ECCMODE, TEMP, MARGIN, POWER, LIMIT, FAN, CLOCK, ENC,
            DEC, PSTATE, GEN, WIDTH, UTIL, MEM, EVENTS, THROTTLE, PROCS, FIELDS, NSYM };
 static const char *const sym_names[NSYM] = {
   "nvmlInitWithFlags", "nvmlSystemGetDriverVersion", "nvmlDeviceGetCount_v2", "nvmlDeviceGetHandleByIndex_v2",
@@ -58,7 +58,8 @@ static const char *const sym_names[NSYM] = {
   "nvmlDeviceGetPciInfo_v3", "nvmlDeviceGetMinorNumber", "nvmlDeviceGetMaxClockInfo",
   "nvmlDeviceGetMaxPcieLinkGeneration", "nvmlDeviceGetMaxPcieLinkWidth", "nvmlDeviceGetNumFans",
   "nvmlDeviceGetNvLinkState", "nvmlDeviceGetTemperatureThreshold", "nvmlDeviceGetPowerManagementDefaultLimit",
-  "nvmlDeviceGetPersistenceMode", "nvmlDeviceGetEccMode", "nvmlDeviceGetTemperature", "nvmlDeviceGetPowerUsage",
+  "nvmlDeviceGetPersistenceMode", "nvmlDeviceGetEccMode", "nvmlDeviceGetTemperature",
+  "nvmlDeviceGetMarginTemperature", "nvmlDeviceGetPowerUsage",
   "nvmlDeviceGetEnforcedPowerLimit", "nvmlDeviceGetFanSpeed_v2", "nvmlDeviceGetClockInfo",
   "nvmlDeviceGetEncoderUtilization", "nvmlDeviceGetDecoderUtilization", "nvmlDeviceGetPerformanceState",
   "nvmlDeviceGetCurrPcieLinkGeneration", "nvmlDeviceGetCurrPcieLinkWidth", "nvmlDeviceGetUtilizationRates",
@@ -88,16 +89,21 @@ typedef ret_t (*fn_d_mem)(dev_t_, mem_t *);
 typedef ret_t (*fn_d_pull)(dev_t_, unsigned long long *);
 typedef ret_t (*fn_d_procs)(dev_t_, unsigned *, void *);
 typedef ret_t (*fn_d_fields)(dev_t_, int, field_t *);
+typedef struct { unsigned version; int margin; } margin_t;  /* nvmlMarginTemperature_v1_t */
+typedef ret_t (*fn_d_margin)(dev_t_, margin_t *);
 
 /* ---------------------------------------------------------------- the series ----------------- */
 /* Every per-GPU series but the NVLink ones has a slot; a family is a run of slots, one per label value. */
 /* sparse: a series served only once it has been non-zero (exporter/sparse.py), as on the exporter's page */
 typedef struct { const char *name, *type, *help, *label; int n; const char *const *values; int slot, sparse; } family_t;
 
-static const char *const thresholds[] = { "shutdown", "slowdown", "gpu_max", "memory_max" };
+/* the last two: T.Limit offsets, fields 193/194 of the slow batch */
+static const char *const thresholds[] = { "shutdown", "slowdown", "gpu_max", "memory_max", "shutdown_tlimit",
+                                          "slowdown_tlimit" };
 static const int threshold_kinds[] = { 0, 1, 3, 2 };  /* nvmlTemperatureThresholds_t */
 static const char *const fans[] = { "0", "1", "2", "3", "4", "5", "6", "7" };
-static const char *const clocks[] = { "graphics", "sm", "memory", "video" };  /* nvmlClockType_t 0..3 */
+static const char *const clocks[] = { "sm", "memory" };
+static const int clock_kinds[] = { 1, 2 };  /* nvmlClockType_t: SM, MEM (the exporter's CLOCKS) */
 static const char *const reasons[] = { "gpu_idle", "applications_clocks_setting", "sw_power_cap", "hw_slowdown",
   "sync_boost", "sw_thermal_slowdown", "hw_thermal_slowdown", "hw_power_brake_slowdown", "display_clock_setting" };
 static const char *const durations[] = { "power", "thermal", "sync_boost", "board_limit", "low_utilization",
@@ -107,7 +113,7 @@ static const char *const ecc_kinds[] = { "type=\"corrected\",scope=\"volatile\""
 static const char *const retired[] = { "single_bit", "double_bit" };
 static const char *const remapped[] = { "correctable", "uncorrectable" };
 
-enum { UP, TEMP_, MEMTEMP, THRESH, POWER_, LIMIT_, DEFLIMIT_, ENERGY, FANSPEED, CLOCKHZ, CLOCKMAX, UTILR, MEMUTILR,
+enum { UP, TEMP_, MEMTEMP, THRESH, MARGIN_, POWER_, LIMIT_, DEFLIMIT_, ENERGY, FANSPEED, CLOCKHZ, CLOCKMAX, UTILR, MEMUTILR,
        ENCR, DECR, MEMTOTAL, MEMUSED, MEMFREE, MEMRES, PSTATE_, PERSIST_, GEN_, MAXGEN_, WIDTH_, MAXWIDTH_, REPLAY,
        EVACTIVE, EVDURATION, ECCEN, ECCERR, RETIRED, RETIREDPEND, REMAPPED, REMAPPEND, REMAPFAIL, RECOVERY, PROCS_,
        NFAM };
@@ -119,6 +125,7 @@ static family_t fam[NFAM] = {
   [MEMTEMP] = ONE("nvidia_gpu_memory_temperature_celsius", "gauge", "HBM memory temperature."),
   [THRESH] = MANY("nvidia_gpu_temperature_threshold_celsius", "gauge", "The GPU's own temperature thresholds.",
                   "threshold", thresholds),
+  [MARGIN_] = ONE("nvidia_gpu_temperature_margin_celsius", "gauge", "How far the GPU is below its T.Limit."),
   [POWER_] = ONE("nvidia_gpu_power_watts", "gauge", "Power draw."),
   [LIMIT_] = ONE("nvidia_gpu_power_limit_watts", "gauge", "Power limit the driver enforces now."),
   [DEFLIMIT_] = ONE("nvidia_gpu_power_default_limit_watts", "gauge", "Default power limit of the board."),
@@ -234,7 +241,8 @@ static void read_static(unsigned i) {
   g->ok = calloc((size_t)nslots, 1);
   g->shown = calloc((size_t)nslots, 1);
   if (!g->val || !g->ok || !g->shown) { perror("cref"); exit(1); }
-  for (int c = 0; c < 4; c++) SET(g, fam[CLOCKMAX].slot + c, nv(MAXCLOCK, fn_d_i_pu, g->h, c, &u) == SUCCESS, u * 1e6);
+  for (int c = 0; c < 2; c++)
+    SET(g, fam[CLOCKMAX].slot + c, nv(MAXCLOCK, fn_d_i_pu, g->h, clock_kinds[c], &u) == SUCCESS, u * 1e6);
   SET(g, fam[MAXGEN_].slot, nv(MAXGEN, fn_d_pu, g->h, &u) == SUCCESS, u);
   SET(g, fam[MAXWIDTH_].slot, nv(MAXWIDTH, fn_d_pu, g->h, &u) == SUCCESS, u);
   g->fans = nv(NUMFANS, fn_d_pu, g->h, &u) == SUCCESS ? (u < FANS_MAX ? u : FANS_MAX) : 0;
@@ -269,6 +277,8 @@ static void read_static(unsigned i) {
   add(&g->slow, 143, 0, fam[REMAPPED].slot + 1, 0, 1);
   add(&g->slow, 144, 0, fam[REMAPPEND].slot, 0, 1);
   add(&g->slow, 145, 0, fam[REMAPFAIL].slot, 0, 1);
+  add(&g->slow, 193, 0, fam[THRESH].slot + 4, 0, 1);
+  add(&g->slow, 194, 0, fam[THRESH].slot + 5, 0, 1);
 }
 
 static void read_slow(gpu_t *g) {
@@ -288,12 +298,15 @@ static void read_fast(gpu_t *g) {
   SET(g, fam[LIMIT_].slot, nv(LIMIT, fn_d_pu, g->h, &u) == SUCCESS, u * 1e-3);
   for (unsigned f = 0; f < g->fans; f++)
     SET(g, fam[FANSPEED].slot + (int)f, nv(FAN, fn_d_u_pu, g->h, f, &u) == SUCCESS, u * 0.01);
-  for (int c = 0; c < 4; c++) SET(g, fam[CLOCKHZ].slot + c, nv(CLOCK, fn_d_i_pu, g->h, c, &u) == SUCCESS, u * 1e6);
+  for (int c = 0; c < 2; c++)
+    SET(g, fam[CLOCKHZ].slot + c, nv(CLOCK, fn_d_i_pu, g->h, clock_kinds[c], &u) == SUCCESS, u * 1e6);
   SET(g, fam[ENCR].slot, nv(ENC, fn_d_pu_pu, g->h, &u, &period) == SUCCESS, u * 0.01);
   SET(g, fam[DECR].slot, nv(DEC, fn_d_pu_pu, g->h, &u, &period) == SUCCESS, u * 0.01);
   SET(g, fam[PSTATE_].slot, nv(PSTATE, fn_d_pi, g->h, &a) == SUCCESS, a);
   SET(g, fam[GEN_].slot, nv(GEN, fn_d_pu, g->h, &u) == SUCCESS, u);
   SET(g, fam[WIDTH_].slot, nv(WIDTH, fn_d_pu, g->h, &u) == SUCCESS, u);
+  margin_t mg = { (unsigned)sizeof mg | 1u << 24, 0 };  /* nvmlMarginTemperature_v1 */
+  SET(g, fam[MARGIN_].slot, nv(MARGIN, fn_d_margin, g->h, &mg) == SUCCESS, mg.margin);
   int ok = nv(UTIL, fn_d_util, g->h, &ut) == SUCCESS;
   SET(g, fam[UTILR].slot, ok, ut.gpu * 0.01);
   SET(g, fam[MEMUTILR].slot, ok, ut.memory * 0.01);

@@ -60,6 +60,7 @@ enum { VT_DOUBLE = 0, VT_UINT = 1, VT_ULL = 3, VT_SLL = 4, VT_SINT = 5 };
 
 #define MEMORY_V2_VERSION 0x02000028u
 #define TEMPERATURE_V1_VERSION 0x0100000Cu
+#define MARGIN_TEMPERATURE_V1_VERSION 0x01000008u /* nvmlMarginTemperature_v1: {unsigned version; int marginTemperature} */
 #define MAX_GPUS 64
 #define MAX_LINKS 36
 #define MAX_PROCS 64
@@ -75,7 +76,7 @@ enum { VT_DOUBLE = 0, VT_UINT = 1, VT_ULL = 3, VT_SLL = 4, VT_SINT = 5 };
   X(nvmlDeviceGetSerial) X(nvmlDeviceGetPciInfo_v3) X(nvmlDeviceGetMinorNumber) X(nvmlDeviceGetBrand) \
   X(nvmlDeviceGetArchitecture) X(nvmlDeviceGetCudaComputeCapability) X(nvmlDeviceGetVbiosVersion) \
   X(nvmlDeviceGetBoardPartNumber) X(nvmlDeviceGetTemperature) X(nvmlDeviceGetTemperatureV) \
-  X(nvmlDeviceGetTemperatureThreshold) X(nvmlDeviceGetPowerUsage) X(nvmlDeviceGetPowerManagementLimit) \
+  X(nvmlDeviceGetTemperatureThreshold) X(nvmlDeviceGetMarginTemperature) X(nvmlDeviceGetPowerUsage) X(nvmlDeviceGetPowerManagementLimit) \
   X(nvmlDeviceGetEnforcedPowerLimit) X(nvmlDeviceGetPowerManagementDefaultLimit) \
   X(nvmlDeviceGetPowerManagementLimitConstraints) X(nvmlDeviceGetTotalEnergyConsumption) \
   X(nvmlDeviceGetNumFans) X(nvmlDeviceGetFanSpeed) X(nvmlDeviceGetFanSpeed_v2) X(nvmlDeviceGetClockInfo) \
@@ -582,6 +583,23 @@ EXPORT nvmlReturn_t nvmlDeviceGetTemperatureThreshold(nvmlDevice_t d, int type, 
   rc = get_u32(g, threshold_keys[type], out);
   END
 }
+/* nvml.h: the signed distance, in C, of the GPU temperature below its T.Limit (the max-operating limit):
+ * negative past it. A real H200 prints T.Limit 50 C at 37 C with gpu_max 87 C, so by default the fake
+ * answers threshold.gpu_max - temp (it follows the temperature); a `margin` key overrides it. */
+typedef struct { unsigned version; int marginTemperature; } nvmlMarginTemperature_t;
+EXPORT nvmlReturn_t nvmlDeviceGetMarginTemperature(nvmlDevice_t d, nvmlMarginTemperature_t *m) {
+  BEGIN_DEV(nvmlDeviceGetMarginTemperature, d)
+  if (!m) FAIL(E_INVALID_ARGUMENT);
+  if (m->version != MARGIN_TEMPERATURE_V1_VERSION) FAIL(E_ARGUMENT_VERSION_MISMATCH);
+  const char *v = gkey(g, "margin");
+  if (v) { m->marginTemperature = (int)strtol(v, NULL, 0); rc = OK; }
+  else {
+    unsigned t, mx;
+    if ((rc = get_u32(g, "temp", &t)) == OK && (rc = get_u32(g, "threshold.gpu_max", &mx)) == OK)
+      m->marginTemperature = (int)mx - (int)t;
+  }
+  END
+}
 U32_GETTER(nvmlDeviceGetPowerUsage, "power_mw")
 U32_GETTER(nvmlDeviceGetPowerManagementLimit, "power_limit_mw")
 U32_GETTER(nvmlDeviceGetEnforcedPowerLimit, "power_limit_mw")
@@ -923,6 +941,14 @@ static nvmlReturn_t field_value(int g, nvmlFieldValue_t *f) {
     case 188: UINT_KEY("power_max_mw");
     case 189: UINT_KEY("power_default_mw");
     case 190: UINT_KEY("power_limit_mw");
+    /* T.Limit offsets (signed int C, Ada and later): tlimit.{shutdown,slowdown,mem_max,gpu_max} */
+    case 193: case 194: case 195: case 196: {
+      static const char *tl[] = { "tlimit.shutdown", "tlimit.slowdown", "tlimit.mem_max", "tlimit.gpu_max" };
+      const char *v = gkey(g, tl[id - 193]);
+      if (!v) return E_NOT_SUPPORTED;
+      f->valueType = VT_SINT; f->value.si = (int)strtol(v, NULL, 0);
+      return OK;
+    }
     case 230: UINT_KEY("recovery_action");
   }
   for (size_t k = 0; k < sizeof link_fields / sizeof link_fields[0]; k++) {

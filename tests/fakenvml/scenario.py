@@ -77,6 +77,8 @@ def h100_sxm(index: int, *, load: bool = True) -> dict[str, str]:
         "cc_major": 9,
         "cc_minor": 0,
         "threshold.shutdown": 92, "threshold.slowdown": 89, "threshold.gpu_max": 87, "threshold.mem_max": 95,
+        # T.Limit offsets (fields 193/194) as nvidia-smi prints them on every >=545 Hopper capture
+        "tlimit.shutdown": -8, "tlimit.slowdown": -2,
         "power_limit_mw": 700_000, "power_default_mw": 700_000, "power_min_mw": 200_000, "power_max_mw": 700_000,
         "clock_max.graphics": 1980, "clock_max.sm": 1980, "clock_max.mem": 2619, "clock_max.video": 1545,
         "util_enc": 0, "util_dec": 0,
@@ -125,6 +127,7 @@ def h200_vm(*, load: bool = False, latency: bool = True) -> dict[str, str]:
         "pci_device_id": "0x233510DE", "pci_subsystem_id": "0x18BF10DE", "arch": 9, "cc_major": 9, "cc_minor": 0,
         # NVML answers absolute thresholds, though nvidia-smi -q prints them as T.Limit offsets (-8/-2/0 C)
         "threshold.shutdown": 95, "threshold.slowdown": 89, "threshold.gpu_max": 87, "threshold.mem_max": 95,
+        "tlimit.shutdown": -8, "tlimit.slowdown": -2,  # nvidia-smi -q: gpu_temp_{max,slow}_tlimit_threshold
         "power_limit_mw": 700_000, "power_default_mw": 700_000, "power_min_mw": 200_000, "power_max_mw": 700_000,
         "clock_max.graphics": 1980, "clock_max.sm": 1980, "clock_max.mem": 3201, "clock_max.video": 1545,
         "clock.mem": 3201, "util_enc": 0, "util_dec": 0, "pstate": 0,
