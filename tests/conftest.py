@@ -15,6 +15,7 @@ import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -161,3 +162,20 @@ def gpu_series(page: str, gpu: int) -> dict[str, float]:
     """The nvidia_gpu_* samples of one GPU."""
     return {k: v for k, v in samples(page).items() if k.startswith("nvidia_gpu_") and f'{{gpu="{gpu}",' in k}
 
+
+# The remediator's tests (test_remediator*.py): a folder with stand-in commands, and the remediators a
+# test started, stopped after it.
+@pytest.fixture
+def workdir(tmp_path: Path) -> Path:
+    from tests.remediator_helpers import make_standins
+
+    make_standins(tmp_path)
+    return tmp_path
+
+
+@pytest.fixture
+def remediators() -> Iterator[list[Any]]:
+    started: list[Any] = []
+    yield started
+    for r in started:
+        r.stop()

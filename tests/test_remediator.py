@@ -8,7 +8,6 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -20,25 +19,10 @@ from tests.remediator_helpers import (
     Remediator,
     alert,
     calls,
-    make_standins,
     payload,
     policy,
     start_remediator,
 )
-
-
-@pytest.fixture
-def workdir(tmp_path: Path) -> Path:
-    make_standins(tmp_path)
-    return tmp_path
-
-
-@pytest.fixture
-def remediators() -> Iterator[list[Remediator]]:
-    started: list[Remediator] = []
-    yield started
-    for r in started:
-        r.stop()
 
 
 def run(workdir: Path, remediators: list[Remediator], *args: str, **kw: object) -> Remediator:

@@ -33,7 +33,6 @@ from tests.remediator_helpers import (
     Remediator,
     alert,
     calls,
-    make_standins,
     payload,
     policy,
     start_remediator,
@@ -43,18 +42,6 @@ from tests.test_http_security import make_cert
 PAGE = 4096  # tmpfs allocates whole pages: an append that needs a new page is what a full disk refuses
 
 
-@pytest.fixture
-def workdir(tmp_path: Path) -> Path:
-    make_standins(tmp_path)
-    return tmp_path
-
-
-@pytest.fixture
-def remediators() -> Iterator[list[Remediator]]:
-    started: list[Remediator] = []
-    yield started
-    for r in started:
-        r.stop()
 
 
 def run(workdir: Path, remediators: list[Remediator], *args: str) -> Remediator:

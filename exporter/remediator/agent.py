@@ -42,6 +42,7 @@ from typing import Any
 
 from .. import __version__, control, logs
 from . import policy as policy_mod
+from .cli import read_token
 from .engine import NODE, Engine, Outcome, PayloadError, Runner, plan, resume
 from .store import Job, StorageError, StorageHealth, open_state
 
@@ -396,13 +397,7 @@ def serve_agent(argv: Sequence[str]) -> int:
     if missing:
         p.error(f"{args.config}: missing command(s): {', '.join(missing)}")
     policy = replace(policy, node=args.node)  # the engine's own check: alerts for other nodes are refused
-    token = None
-    if args.token_file:
-        try:
-            with open(args.token_file, encoding="utf-8") as f:
-                token = f.read().strip()
-        except OSError as e:
-            p.error(f"--alertmanager.token-file: {e.strerror}")
+    token = read_token(p, args.token_file, "--alertmanager.token-file")
     try:
         source = AlertmanagerSource(args.urls, policy.node_label, args.node, token=token, ca_file=args.ca_file)
     except (OSError, ssl.SSLError) as e:

@@ -203,6 +203,17 @@ DEFAULT_AUDIT_LOG = DEFAULT_STORAGE + "/audit.jsonl"
 STATE_FILE = "remediator.sqlite"
 
 
+def read_token(p: argparse.ArgumentParser, path: str | None, flag: str) -> str | None:
+    """The token in the file a flag names (None without the flag); an unreadable file is a usage error."""
+    if not path:
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read().strip()
+    except OSError as e:
+        p.error(f"{flag}: {e.strerror}")
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.prog}: error: {message}\n")
@@ -266,15 +277,9 @@ def serve(argv: Sequence[str]) -> int:
         web = webconfig.load(args.web_config) if args.web_config else webconfig.WebConfig()
     except webconfig.WebConfigError as e:
         p.error(str(e))
-    token = None
-    if args.token_file:
-        try:
-            with open(args.token_file, encoding="utf-8") as f:
-                token = f.read().strip()
-        except OSError as e:
-            p.error(f"--auth.token-file: {e.strerror}")
-        if len(token) < 16:
-            p.error("--auth.token-file: the token must be at least 16 characters")
+    token = read_token(p, args.token_file, "--auth.token-file")
+    if token is not None and len(token) < 16:
+        p.error("--auth.token-file: the token must be at least 16 characters")
     mtls = web.ssl_context is not None and web.ssl_context.verify_mode == 2  # ssl.CERT_REQUIRED
     if token is None and not mtls and not web.users:
         if not args.insecure_no_auth:
