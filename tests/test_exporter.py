@@ -204,7 +204,7 @@ def test_every_metric_with_the_value_the_scenario_implies(fake: FakeNvml, start_
 def test_page_passes_promtool_and_prometheus_client_parser(fake: FakeNvml, start_exporter) -> None:
     fake.state = mixed_node()
     fake.write()
-    page = start_exporter(fake).metrics()
+    page = start_exporter(fake, wait_ready=True).metrics()
     result = subprocess.run([require_tool("promtool"), "check", "metrics"], input=page, capture_output=True,
                             text=True)
     assert (result.returncode, result.stdout, result.stderr) == (0, "", "")

@@ -78,9 +78,11 @@ def test_no_library_at_start_serves_nvml_down_and_retries(tmp_path: Path, fake: 
 def test_driver_not_loaded_then_loaded(fake: FakeNvml, start_exporter) -> None:
     fake.set(init_error=9)
     exp = start_exporter(fake)
+    failed = 'nvml_exporter_nvml_errors_total{function="nvmlInit",error="driver_not_loaded"}'
+    wait_for(lambda: samples(exp.metrics()).get(failed, 0) >= 1)  # (the first init attempt may still run)
     page = exp.metrics()
     assert samples(page)["nvml_exporter_nvml_up"] == 0
-    assert samples(page)['nvml_exporter_nvml_errors_total{function="nvmlInit",error="driver_not_loaded"}'] >= 1
+    assert samples(page)[failed] >= 1
     fake.unset("init_error")
     wait_for(lambda: samples(exp.metrics())["nvml_exporter_nvml_up"] == 1, timeout=30)
 
