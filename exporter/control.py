@@ -177,7 +177,9 @@ def request(path: str, command: str, timeout: float = 30.0) -> str:
         s.settimeout(timeout)
         try:
             s.connect(path)
-            s.sendall(command.encode() + b"\n")
+            # refused before it read the command (an unknown peer): the refusal is still there to read
+            with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+                s.sendall(command.encode() + b"\n")
             data = b""
             while b"\n" not in data:
                 chunk = s.recv(4096)
