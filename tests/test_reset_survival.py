@@ -58,7 +58,7 @@ def test_one_gpu_reset_others_serve_counters_restart(tmp_path: Path, start_expor
     fake = FakeNvml(tmp_path / "nvml", h100_node(4))
     fake.gpu(2, **{"nvlink.3.crc_flit": 40, "ecc.sbe_vol": 7, "recovery_action": 2})
     history = tmp_path / "history.sqlite"
-    exp = start_exporter(fake, "--collect.min-interval=10ms", f"--history.path={history}")
+    exp = start_exporter(fake, "--collect.min-interval=10ms", f"--history.path={history}", wait_ready=True)
     uuids = [fake.state[f"gpu.{i}.uuid"] for i in range(4)]
     before = exp.metrics()
     assert_consistent(before)
@@ -99,7 +99,7 @@ def test_one_gpu_reset_others_serve_counters_restart(tmp_path: Path, start_expor
 
 def test_uuid_returning_at_another_index_keeps_its_series(tmp_path: Path, start_exporter) -> None:
     fake = FakeNvml(tmp_path / "nvml", h100_node(3))
-    exp = start_exporter(fake, "--collect.min-interval=10ms")
+    exp = start_exporter(fake, "--collect.min-interval=10ms", wait_ready=True)
     uuids = [fake.state[f"gpu.{i}.uuid"] for i in range(3)]
     before = exp.metrics()
     full = families_of(before, uuids[0])
@@ -116,7 +116,7 @@ def test_uuid_returning_at_another_index_keeps_its_series(tmp_path: Path, start_
 
 def test_driver_reload_page_keeps_serving_and_everything_returns(tmp_path: Path, start_exporter) -> None:
     fake = FakeNvml(tmp_path / "nvml", h100_node(2))
-    exp = start_exporter(fake, "--collect.min-interval=10ms")
+    exp = start_exporter(fake, "--collect.min-interval=10ms", wait_ready=True)
     uuids = [fake.state[f"gpu.{i}.uuid"] for i in range(2)]
     before = exp.metrics()
     full = {u: families_of(before, u) for u in uuids}
