@@ -253,6 +253,10 @@ class Collector:
         self._released_all = False  # ... all of them: NVML is shut down
         self.initialised = threading.Event()  # NVML came up at least once (readiness)
         self.tried = threading.Event()  # the first init attempt finished, either way
+        # Set once start-up has settled: the first init failed (nothing to wait for), or NVML came up
+        # and every GPU was attached. A scrape before that waits for it, bounded by its deadline, so
+        # that the exporter's first page is not a page with no GPUs on a node that has eight.
+        self.settled = threading.Event()
         self.last_init_error = ""
         self.history = history
         self._views: dict[str, tuple[tuple[int, int], _HistoryView]] = {}
@@ -314,6 +318,7 @@ class Collector:
                 log.warning("NVML not available, retrying", extra={"error": str(e), "retry_in_s": delay})
             finally:
                 self.tried.set()
+            self.settled.set()  # (nothing to wait for: the page says nvml_up 0 until NVML comes)
             if self._stop.wait(delay):
                 return
             delay = min(delay * 2, max_delay)
@@ -321,11 +326,12 @@ class Collector:
         self._rediscover()
         with self._lock:
             self._nvml_up = True
-        self.collect(5.0)  # attach every GPU, so identities and handles are known before anyone asks
+        self._collect(5.0)  # attach every GPU, so identities and handles are known before anyone asks
         if self._events is not None:
             self._events.start()
             self._events.first_registration.wait(5.0)
         self.initialised.set()
+        self.settled.set()
         while not self._stop.is_set():
             self._wake.wait(self._rediscover_interval)
             self._wake.clear()
@@ -458,7 +464,7 @@ class Collector:
                 with self._lock:
                     self._stale, self._nvml_up = False, True
                 self._rediscover()
-        self.collect(timeout)  # attach every GPU first: the event thread registers the attached ones
+        self._collect(timeout)  # attach every GPU first: the event thread registers the attached ones
         if was_all and self._events is not None and not self._events.resume(timeout):
             log.warning("NVML events not registered again yet after reacquire")
         log.warning("reacquired NVML on the node agent's request")
@@ -651,9 +657,20 @@ class Collector:
     def collect(self, timeout: float) -> Snapshot:
         """A snapshot no older than min_interval, returned within `timeout` seconds whatever the driver
         does: fast GPUs are read on the sweep thread, not this one."""
+        return self._collect(self._settle(timeout))
+
+    def _collect(self, timeout: float) -> Snapshot:
         got: list[Snapshot] = []
         self._run(timeout, lambda snap, _taken_over: got.append(snap), inline=False)
         return got[0]
+
+    def _settle(self, timeout: float) -> float:
+        """Wait for start-up to settle, for at most half of `timeout`; what is left of `timeout`."""
+        if self.settled.is_set():
+            return timeout
+        began = self._clock()
+        self.settled.wait(timeout / 2)
+        return max(0.0, timeout - (self._clock() - began))
 
     def collect_into(self, timeout: float, deliver: Deliver) -> bool:
         """Collect as collect() does, but hand the snapshot to deliver(snapshot, taken_over), exactly once
@@ -661,7 +678,7 @@ class Collector:
         thread switches. Where a driver call holds this thread past SWEEP_PATIENCE, the watchdog takes
         the collection over and delivers it (taken_over=True) by the deadline, while this thread waits
         for the call; it returns False then, once that delivery is done."""
-        return self._run(timeout, deliver, inline=self._watchdog is not None)
+        return self._run(self._settle(timeout), deliver, inline=self._watchdog is not None)
 
     def _run(self, timeout: float, deliver: Deliver, inline: bool) -> bool:
         deadline = self._clock() + timeout

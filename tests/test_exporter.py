@@ -236,6 +236,16 @@ def test_landing_health_and_ready_pages(fake: FakeNvml, start_exporter) -> None:
     assert exp.get("/nope")[0] == 404
 
 
+def test_first_page_waits_for_start_up_and_names_every_gpu(fake: FakeNvml, start_exporter) -> None:
+    # A driver slow to initialise (1.5 s here) must not make the first page one with no GPUs: the scrape
+    # waits for start-up, bounded by its deadline, and then serves all eight.
+    fake.set({"latency_us.nvmlInit_v2": 1_500_000, "latency_us.nvmlInitWithFlags": 1_500_000})
+    exp = start_exporter(fake, "--no-xid.journal")
+    s = samples(exp.metrics())
+    assert s["nvml_exporter_nvml_up"] == 1
+    assert sum(1 for k, v in s.items() if k.startswith("nvidia_gpu_up{") and v == 1) == 8
+
+
 def test_custom_telemetry_path_and_gzip(fake: FakeNvml, start_exporter) -> None:
     import gzip
     import urllib.request
