@@ -10,6 +10,7 @@ import select
 import threading
 from collections.abc import Callable
 from datetime import datetime
+from typing import Any
 
 from . import kernlog
 from .kernlog import pci_key, pci_text
@@ -57,7 +58,7 @@ class JournalFollower:
         except OSError as e:  # the pipe is full: a wake-up is already pending
             log.debug("journal wake-up not written", extra={"error": str(e)})
 
-    def _open(self):  # type: ignore[no-untyped-def]  # systemd.journal.Reader, an optional dependency
+    def _open(self) -> Any:  # systemd.journal.Reader, an optional dependency without types
         from systemd import journal
 
         if self._path is None:

@@ -143,7 +143,7 @@ class Connection:
             deadline = time.monotonic() + limits.request_timeout
         scanned = 0
         while True:
-            if buf[:1] in (b"\r", b"\n"):  # blank lines before a request are allowed
+            if buf.startswith((b"\r", b"\n")):  # blank lines before a request are allowed
                 del buf[:len(buf) - len(buf.lstrip(b"\r\n"))]
                 scanned = 0
             if (end := buf.find(b"\r\n\r\n", scanned)) >= 0:

@@ -1,3 +1,3 @@
-from nvml_exporter.remediator.cli import main
+from .cli import main
 
 raise SystemExit(main())

@@ -16,7 +16,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from ..workload.procfs import attribute
 from .policy import LOCAL_STEPS, REPEATABLE_STEPS, Policy, Step
@@ -166,6 +166,14 @@ class Outcome:
     seconds: float = 0.0
 
 
+class NodeSteps(Protocol):
+    """The node-local steps an agent runs itself (agent.py): waiting for the drain, the safe reset."""
+
+    def wait_drained(self, job: Job) -> Outcome: ...
+
+    def reset(self, job: Job, uuid: str) -> Outcome: ...
+
+
 class Runner:
     """Runs one argv with a timeout; the whole process group is killed when it runs over."""
 
@@ -205,7 +213,7 @@ class Engine:
 
     def __init__(self, policy: Policy, store: Store, audit: Audit, *, execute: bool, runner: Runner,
                  workers: int = 4, on_outcome: Callable[[str, str], None] = lambda a, r: None,
-                 clock: Callable[[], float] = time.time, role: str = "central", node_steps: Any = None):
+                 clock: Callable[[], float] = time.time, role: str = "central", node_steps: NodeSteps | None = None):
         """role "central" (the webhook) or "agent" (`nvml-remediator agent`, agent.py, with its
         node_steps): with a `node_agent:` policy the central one leaves the node-local steps to the
         agents and the agents wait for its drain."""
@@ -367,6 +375,11 @@ class Engine:
         kind, _, script = name.partition(":")
         return Step(kind, script)
 
+    def _local(self) -> NodeSteps:
+        if self.node_steps is None:  # (agent.py hands them in before it starts the engine)
+            raise RuntimeError("an agent's engine has no node-local steps")
+        return self.node_steps
+
     def _do(self, job: Job, step: Step, index: int, resumed: bool) -> Outcome:
         """One step. `resumed`: a repeatable step this job started before: it runs again, neither held
         back by its own cooldown record nor counted a second time by the breaker."""
@@ -375,7 +388,7 @@ class Engine:
         if self.role == "central" and self.policy.agent is not None and step.kind in LOCAL_STEPS:
             return Outcome("delegated", reason="a node-local step: the node's agent runs it")
         if self.role == "agent" and step.kind == "drain_node":  # the central remediator drains
-            return self.node_steps.wait_drained(job)
+            return self._local().wait_drained(job)
         uuid = job.alert["labels"].get("uuid", "")
         action_key = f"{step.name}:{uuid}" if step.kind == "reset_gpu" else step.name
         cooldown = self.cooldowns.get(step.kind, 0.0)
@@ -404,7 +417,7 @@ class Engine:
         if step.kind == "checkpoint_signal":
             return self._checkpoint(job, uuid)
         if step.kind == "reset_gpu":
-            return self.node_steps.reset(job, uuid) if self.role == "agent" else self._reset(job, uuid)
+            return self._local().reset(job, uuid) if self.role == "agent" else self._reset(job, uuid)
         argv = list(self.policy.scripts[step.script])
         return self._exec(argv, step, alert_env(job))
 

@@ -20,9 +20,10 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 log = logging.getLogger("nvml_remediator.store")
+_T = TypeVar("_T")
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -132,7 +133,7 @@ class Store:
         except sqlite3.Error as e:
             raise StorageError(f"{path}: {e}") from None
 
-    def _tx(self, fn: Callable[[sqlite3.Connection], Any]) -> Any:
+    def _tx(self, fn: Callable[[sqlite3.Connection], _T]) -> _T:
         with self._lock:
             try:
                 self._db.execute("BEGIN IMMEDIATE")
@@ -220,12 +221,15 @@ class Store:
 
     def last_action(self, node: str, action: str, other_than_job: str) -> float | None:
         """When another job last ran this action on the node (a job's own record is its own step's)."""
-        return self._read("SELECT max(at) FROM actions WHERE node = ? AND action = ? AND job != ?",
-                          (node, action, other_than_job))[0]
+        at: float | None = self._read("SELECT max(at) FROM actions WHERE node = ? AND action = ? AND job != ?",
+                                      (node, action, other_than_job))[0]
+        return at
 
     def last_node_action(self, node: str, other_than_job: str) -> float | None:
         """When another job last acted on the node (a job's own earlier steps do not count)."""
-        return self._read("SELECT max(at) FROM actions WHERE node = ? AND job != ?", (node, other_than_job))[0]
+        at: float | None = self._read("SELECT max(at) FROM actions WHERE node = ? AND job != ?",
+                                      (node, other_than_job))[0]
+        return at
 
     def record_action(self, node: str, action: str, job: str, step: int) -> None:
         """Recorded before the step runs: it counts for cooldowns and the breaker even if we die in it."""
