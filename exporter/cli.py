@@ -7,14 +7,13 @@ import ctypes
 import gc
 import logging
 import os
-import re
 import signal
 import sys
 import threading
 from collections.abc import Sequence
-from typing import NoReturn
 
 from . import __version__, control, logs, sdnotify, webconfig
+from .argtypes import Parser, duration, listen_address, positive_int
 from .collector import Collector
 from .exposition import BuildInfo
 from .history import BOOT_ID_PATH, History, HistoryError
@@ -22,45 +21,9 @@ from .nvml import Library
 from .pcibus import SYSFS_PCI
 from .server import App, Server
 from .thermal import NodeModel
-from .webconfig import parse_listen_address
 from .workload import wiring
 
 log = logging.getLogger("nvml_exporter")
-
-_DURATION = re.compile(r"^(?:(\d+(?:\.\d+)?)(ms|s|m|h))+$")
-_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)")
-_UNIT = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
-
-
-def duration(value: str) -> float:
-    """'5s', '500ms', '1m30s' (Prometheus style) or plain seconds -> seconds > 0."""
-    try:
-        seconds = float(value)
-    except ValueError:
-        if not _DURATION.match(value):
-            raise argparse.ArgumentTypeError(f"invalid duration {value!r} (want e.g. 5s, 500ms, 1m)") from None
-        seconds = sum(float(n) * _UNIT[u] for n, u in _PART.findall(value))
-    if not seconds > 0:
-        raise argparse.ArgumentTypeError(f"duration must be positive, got {value!r}")
-    return seconds
-
-
-def positive_int(value: str) -> int:
-    try:
-        n = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid number {value!r}") from None
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value!r}")
-    return n
-
-
-def listen_address(value: str) -> tuple[str, int]:
-    try:
-        return parse_listen_address(value)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
-
 
 def telemetry_path(value: str) -> str:
     if not value.startswith("/") or value in ("/", "/-/healthy", "/-/ready"):
@@ -68,14 +31,8 @@ def telemetry_path(value: str) -> str:
     return value
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:
-        # One clear line, exit 2, as Prometheus exporters do for bad flags.
-        self.exit(2, f"{self.prog}: error: {message}\n")
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="nvml-exporter", description="Prometheus exporter for NVIDIA GPU health over NVML. "
+    p = Parser(prog="nvml-exporter", description="Prometheus exporter for NVIDIA GPU health over NVML. "
                 "`nvml-exporter diagnose --help`: a one-shot report on this node's GPUs; "
                 "`nvml-exporter history --help`: each GPU's incident history.", allow_abbrev=False)
     p.add_argument("--web.listen-address", dest="listen", type=listen_address, default=":9400",

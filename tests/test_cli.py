@@ -40,9 +40,9 @@ def test_defaults() -> None:
     ("--web.listen-address=:99999", "invalid listen address"),
     ("--web.telemetry-path=metrics", "telemetry path must start with /"),
     ("--log.level=verbose", "invalid choice"),
-    ("--web.max-connections=0", "must be at least 1"),
-    ("--web.max-connections=many", "invalid number"),
-    ("--gpus.expected=0", "--gpus.expected: must be at least 1"),
+    ("--web.max-connections=0", "want a positive integer, not 0"),
+    ("--web.max-connections=many", "want a positive integer, not 'many'"),
+    ("--gpus.expected=0", "--gpus.expected: want a positive integer, not 0"),
     ("--log.format=xml", "invalid choice"),
     ("--no-such-flag", "unrecognized arguments"),
 ])

@@ -364,9 +364,10 @@ def _clean(diag: Outcome, uuid: str) -> tuple[bool, str]:
 
 
 def serve_agent(argv: Sequence[str]) -> int:
-    from .cli import _Parser, _policy, _seconds
+    from ..argtypes import Parser, duration
+    from .cli import _policy
 
-    p = _Parser(prog="nvml-remediator agent", description=__doc__.splitlines()[0], allow_abbrev=False)
+    p = Parser(prog="nvml-remediator agent", description=__doc__.splitlines()[0], allow_abbrev=False)
     p.add_argument("--config", required=True, help="policy file (YAML), with a node_agent: section")
     p.add_argument("--node", default=socket.gethostname().split(".")[0],
                    help="this node's name as the node label carries it (default: the short hostname)")
@@ -374,7 +375,7 @@ def serve_agent(argv: Sequence[str]) -> int:
                    help="an Alertmanager to pull alerts from; repeat for each of an HA pair")
     p.add_argument("--alertmanager.token-file", dest="token_file", help="bearer token for the Alertmanager API")
     p.add_argument("--alertmanager.ca-file", dest="ca_file", help="CA bundle for https Alertmanager URLs")
-    p.add_argument("--poll-interval", dest="interval", type=_seconds, default=30.0,
+    p.add_argument("--poll-interval", dest="interval", type=duration, default=30.0,
                    help="how often the alerts are pulled (default 30s)")
     p.add_argument("--audit.log", dest="audit_log", default=DEFAULT_STORAGE + "/audit.jsonl")
     p.add_argument("--storage.path", dest="storage", default=DEFAULT_STORAGE)

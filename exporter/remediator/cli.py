@@ -25,11 +25,12 @@ import sys
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, NoReturn
+from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, generate_latest
 
 from .. import __version__, logs, webconfig
+from ..argtypes import Parser, duration, positive_int
 from ..httpd import TEXT, Exchange, Limits, Server
 from ..webconfig import parse_listen_address
 from . import policy as policy_mod
@@ -214,28 +215,6 @@ def read_token(p: argparse.ArgumentParser, path: str | None, flag: str) -> str |
         p.error(f"{flag}: {e.strerror}")
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:
-        self.exit(2, f"{self.prog}: error: {message}\n")
-
-
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"want a positive integer, not {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"want a positive integer, not {value}")
-    return value
-
-
-def _seconds(text: str) -> float:
-    try:
-        return policy_mod.duration(text, "")
-    except policy_mod.PolicyError:
-        raise argparse.ArgumentTypeError(f"want a duration such as 30s or 500ms, not {text!r}") from None
-
-
 def _loopback(host: str) -> bool:
     if host == "localhost":
         return True
@@ -246,16 +225,16 @@ def _loopback(host: str) -> bool:
 
 
 def serve(argv: Sequence[str]) -> int:
-    p = _Parser(prog="nvml-remediator", description=__doc__.splitlines()[0], allow_abbrev=False)
+    p = Parser(prog="nvml-remediator", description=__doc__.splitlines()[0], allow_abbrev=False)
     p.add_argument("--config", required=True, help="policy file (YAML)")
     p.add_argument("--web.listen-address", dest="listen", default="127.0.0.1:9401")
     p.add_argument("--web.config.file", dest="web_config",
                    help="TLS / mTLS (client_auth_type) in exporter-toolkit form")
-    p.add_argument("--web.max-request-bytes", dest="max_bytes", type=_positive, default=1 << 20,
+    p.add_argument("--web.max-request-bytes", dest="max_bytes", type=positive_int, default=1 << 20,
                    help="largest webhook body accepted (413 past it; default 1 MiB)")
-    p.add_argument("--web.max-connections", dest="max_connections", type=_positive, default=64,
+    p.add_argument("--web.max-connections", dest="max_connections", type=positive_int, default=64,
                    help="connections served at once; more get a 503 (default 64)")
-    p.add_argument("--web.request-timeout", dest="request_timeout", type=_seconds, default=30.0,
+    p.add_argument("--web.request-timeout", dest="request_timeout", type=duration, default=30.0,
                    help="a whole request (TLS handshake, head and body) must arrive within this; 408 past it "
                         "(default 30s)")
     p.add_argument("--auth.token-file", dest="token_file", help="file holding the bearer token Alertmanager sends")
@@ -263,7 +242,7 @@ def serve(argv: Sequence[str]) -> int:
     p.add_argument("--audit.log", dest="audit_log", default=DEFAULT_AUDIT_LOG)
     p.add_argument("--storage.path", dest="storage", default=DEFAULT_STORAGE)
     p.add_argument("--execute", action="store_true", help="really run actions (default: dry run, log only)")
-    p.add_argument("--workers", type=_positive, default=4, help="jobs run at once (never two on one node)")
+    p.add_argument("--workers", type=positive_int, default=4, help="jobs run at once (never two on one node)")
     p.add_argument("--log.level", dest="log_level", choices=sorted(logs.LEVELS), default="info")
     p.add_argument("--log.format", dest="log_format", choices=("logfmt", "json"), default="logfmt")
     args = p.parse_args(argv)
@@ -347,7 +326,7 @@ def _policy(p: argparse.ArgumentParser, path: str) -> policy_mod.Policy:
 
 
 def check_config(argv: Sequence[str]) -> int:
-    p = _Parser(prog="nvml-remediator check-config", allow_abbrev=False)
+    p = Parser(prog="nvml-remediator check-config", allow_abbrev=False)
     p.add_argument("file")
     args = p.parse_args(argv)
     policy = _policy(p, args.file)
@@ -356,7 +335,7 @@ def check_config(argv: Sequence[str]) -> int:
 
 
 def resume_node(argv: Sequence[str]) -> int:
-    p = _Parser(prog="nvml-remediator resume", allow_abbrev=False,
+    p = Parser(prog="nvml-remediator resume", allow_abbrev=False,
                 description="Return a node to service, only if nvml-remediator drained it.")
     p.add_argument("--config", required=True)
     p.add_argument("node")
@@ -368,7 +347,7 @@ def resume_node(argv: Sequence[str]) -> int:
 
 
 def reset_breaker(argv: Sequence[str]) -> int:
-    p = _Parser(prog="nvml-remediator reset-breaker", allow_abbrev=False,
+    p = Parser(prog="nvml-remediator reset-breaker", allow_abbrev=False,
                 description="Close the circuit breaker of the remediator whose state is in --storage.path.")
     p.add_argument("--storage.path", dest="storage", default=DEFAULT_STORAGE,
                    help=f"the service's state directory (default: {DEFAULT_STORAGE}, the packaged unit's)")
