@@ -225,26 +225,23 @@ class History:
             return True
 
     def record_reset(self, uuid: str, ts: float, how: str) -> bool:
-        if self.readonly:
-            return False
-        with self._lock:
-            for r in self._rows.get(uuid, ()):
-                if r.kind == "reset" and abs(r.first_ts - ts) <= RESET_DEDUPE_SECONDS:
-                    return False
-            self._insert(uuid, "reset", 0, ts, how)
-            return True
+        return self._record_reset(uuid, "reset", ts, how)
 
     def record_reset_failed(self, uuid: str, ts: float, how: str) -> bool:
         """A reset that failed or was not confirmed (the node agent's acknowledgement with success: false):
         kept in the GPU's history for people and RMA evaluation, but not a remedy (escalation's epochs
         count only resets that worked) and not counted in nvidia_gpu_incidents_total."""
+        return self._record_reset(uuid, "reset_failed", ts, how)
+
+    def _record_reset(self, uuid: str, kind: str, ts: float, how: str) -> bool:
+        """Once per reset: the agent's acknowledgement and the counters may both report it."""
         if self.readonly:
             return False
         with self._lock:
             for r in self._rows.get(uuid, ()):
-                if r.kind == "reset_failed" and abs(r.first_ts - ts) <= RESET_DEDUPE_SECONDS:
+                if r.kind == kind and abs(r.first_ts - ts) <= RESET_DEDUPE_SECONDS:
                     return False
-            self._insert(uuid, "reset_failed", 0, ts, how)
+            self._insert(uuid, kind, 0, ts, how)
             return True
 
     def observe_remap(self, uuid: str, counts: dict[str, float], ts: float) -> bool:
