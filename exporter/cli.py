@@ -105,10 +105,10 @@ def add_workload_flags(p: argparse.ArgumentParser) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["diagnose"]:
-        from . import diagnose
+        from . import diagnosecmd
 
         logs.setup("error", "logfmt")
-        return diagnose.main(argv[1:])
+        return diagnosecmd.main(argv[1:])
     if argv[:1] == ["history"]:
         from . import historycmd
 
