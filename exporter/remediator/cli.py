@@ -34,7 +34,8 @@ from ..argtypes import Parser, duration, positive_int
 from ..httpd import TEXT, Exchange, Limits, Server
 from ..webconfig import parse_listen_address
 from . import policy as policy_mod
-from .engine import Engine, PayloadError, Runner, plan, resume
+from .engine import Engine, Runner, resume
+from .plan import PayloadError, plan
 from .store import StorageError, StorageHealth, Store, open_state
 
 log = logging.getLogger("nvml_remediator")
