@@ -32,11 +32,11 @@ from typing import Any
 
 from .alarm import Alarm
 from .diagnosis import Finding, diagnose
-from .events import EventWatcher
 from .history import History, HistoryError
 from .journal import JournalFollower, pci_key
 from .metrics import BY_NAME
 from .nvml import GpuLost, GpuReader, Library, NvmlError, NvmlStale, error_name
+from .nvml.events import EventWatcher
 from .pcibus import PciBusError, count_nvidia_gpus
 from .snapshot import Deliver, ExporterState, GpuIdentity, GpuSnapshot, Snapshot, Values
 from .sparse import NvlinkTotals, Reveal, ZeroFirst

@@ -98,7 +98,7 @@ def test_every_metric_with_the_value_the_scenario_implies(fake: FakeNvml, start_
         for clock, key in (("sm", "sm"), ("memory", "mem")):
             assert s[f"nvidia_gpu_clock_hertz{L(clock=clock)}"] == g(i, f"clock.{key}") * 1e6  # MHz -> Hz
             assert s[f"nvidia_gpu_clock_max_hertz{L(clock=clock)}"] == g(i, f"clock_max.{key}") * 1e6
-        for clock in ("graphics", "video"):  # left out for the budget (exporter/nvml.py CLOCKS)
+        for clock in ("graphics", "video"):  # left out for the budget (exporter/nvml/reader.py CLOCKS)
             assert f"nvidia_gpu_clock_hertz{L(clock=clock)}" not in s
         # T.Limit: the margin follows the temperature; the offsets come from fields 193/194 (signed)
         assert s[f"nvidia_gpu_temperature_margin_celsius{L()}"] == g(i, "threshold.gpu_max") - g(i, "temp")

@@ -25,7 +25,7 @@ GROWING = {"nvidia_gpu_energy_joules_total"}
 AFTER_CAPTURE = {("nvidia_gpu_temperature_margin_celsius", ""),
                  ("nvidia_gpu_temperature_threshold_celsius", "shutdown_tlimit"),
                  ("nvidia_gpu_temperature_threshold_celsius", "slowdown_tlimit")}
-DROPPED = {"graphics", "video"}  # clocks the exporter no longer reads (exporter/nvml.py CLOCKS)
+DROPPED = {"graphics", "video"}  # clocks the exporter no longer reads (exporter/nvml/reader.py CLOCKS)
 
 
 @pytest.fixture

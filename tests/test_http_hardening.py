@@ -24,11 +24,11 @@ from typing import Any
 import bcrypt
 import pytest
 
-from nvml_exporter import events, logs, webconfig
+from nvml_exporter import logs, webconfig
 from nvml_exporter.exposition import BuildInfo
 from nvml_exporter.httpd import Exchange, Limits, Pool
 from nvml_exporter.httpd import Server as HttpServer
-from nvml_exporter.nvml import EVENT_XID, Event
+from nvml_exporter.nvml import EVENT_XID, Event, events
 from nvml_exporter.server import App, Server
 from nvml_exporter.webconfig import Auth, WebConfig
 from nvml_exporter.xidstore import XidEvent, XidStore

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from nvml_exporter import events
+from nvml_exporter.nvml import events
 from nvml_exporter.xidstore import XidStore
 from tests.conftest import collector_over, samples, wait_for
 from tests.fakenvml.scenario import FakeNvml, h100_node

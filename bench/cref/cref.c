@@ -1,6 +1,6 @@
 /* cref: the C floor that `make bench` holds nvml-exporter's collect + render against.
  *
- * It makes the NVML calls the exporter makes, in the exporter's three tiers (exporter/nvml.py):
+ * It makes the NVML calls the exporter makes, in the exporter's three tiers (exporter/nvml/reader.py):
  *   static, once: identity, maximum clocks and PCIe link, fan count, NVLink ports;
  *   slow, at start and every -s seconds (the exporter's --collect.slow-interval): thresholds, default
  *     power limit, persistence and ECC mode, and one field-values batch of aggregates and retirement;

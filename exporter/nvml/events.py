@@ -1,6 +1,7 @@
-"""Background watcher of NVML events: Xids (and, where the board supports them, double-bit ECC,
-GPU-unavailable and recovery-action events) into the XidStore. It never blocks a scrape: it runs in
-its own thread and the scrape only reads the store."""
+"""NVML events: `EventSet` (pynvml's event API) and `EventWatcher`, the background thread that records
+Xids (and, where the board supports them, double-bit ECC, GPU-unavailable and recovery-action events)
+into the XidStore. It never blocks a scrape: it runs in its own thread and the scrape only reads the
+store."""
 
 from __future__ import annotations
 
@@ -8,12 +9,69 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
-from .logs import RateLimited
-from .nvml import EVENT_NAMES, EVENT_XID, Event, EventSet, GpuLost, NvmlError, uuid_of
-from .xidstore import XidEvent, XidStore
+import pynvml
 
+from ..logs import RateLimited
+from ..xidstore import XidEvent, XidStore
+from .calls import text
+from .devices import uuid_of
+from .errors import GpuLost, NvmlError, lost_error
+
+# Event types (nvml.h nvmlEventType*): what the watcher asks for, where the board supports it.
+EVENT_XID = 0x8
+EVENT_DOUBLE_BIT_ECC = 0x2
+EVENT_GPU_UNAVAILABLE = 0x4000
+EVENT_RECOVERY_ACTION = 0x8000
+EVENT_NAMES = {EVENT_XID: "xid", EVENT_DOUBLE_BIT_ECC: "double_bit_ecc", EVENT_GPU_UNAVAILABLE: "gpu_unavailable",
+               EVENT_RECOVERY_ACTION: "recovery_action"}
+
+
+@dataclass(frozen=True)
+class Event:
+    uuid: str
+    type: int
+    data: int
+
+
+class EventSet:
+    """An NVML event set. wait() blocks in the driver (the GIL is released), so it runs in its own thread."""
+
+    def __init__(self) -> None:
+        try:
+            self._set = pynvml.nvmlEventSetCreate()
+        except pynvml.NVMLError as e:
+            raise NvmlError("nvmlEventSetCreate", e.value) from None
+
+    def register(self, handle: Any, wanted: int) -> int:
+        """Register for `wanted` event types as far as the board supports them; returns the mask registered."""
+        try:
+            mask = wanted & int(pynvml.nvmlDeviceGetSupportedEventTypes(handle))
+            if mask:
+                pynvml.nvmlDeviceRegisterEvents(handle, mask, self._set)
+            return mask
+        except pynvml.NVMLError as e:
+            raise lost_error("nvmlDeviceRegisterEvents", e.value) from None
+
+    def wait(self, timeout_ms: int) -> Event | None:
+        try:
+            data = pynvml.nvmlEventSetWait(self._set, timeout_ms)
+            return Event(text(pynvml.nvmlDeviceGetUUID(data.device)), int(data.eventType), int(data.eventData))
+        except pynvml.NVMLError as e:
+            if e.value == pynvml.NVML_ERROR_TIMEOUT:
+                return None
+            raise lost_error("nvmlEventSetWait_v2", e.value) from None
+
+    def free(self) -> None:
+        try:
+            pynvml.nvmlEventSetFree(self._set)
+        except pynvml.NVMLError as e:
+            raise NvmlError("nvmlEventSetFree", e.value) from None
+
+
+# Named as before the watcher moved into nvml/: the journal's LOGGER field, which filters match.
 log = logging.getLogger("nvml_exporter.events")
 
 WANTED = sum(EVENT_NAMES)
