@@ -172,7 +172,8 @@ GPU_METRICS: tuple[Metric, ...] = (
            ("action",), "diagnosis", valid=RATIO),
     Metric("nvidia_gpu_incidents_total", COUNTER,
            "Incidents in the GPU's persistent history, since its first record: fatal_xid (fatal Xids coalesced, 5 s), "
-           "reset, remap.", ("kind",), "incident history (--history.path)", valid=NON_NEGATIVE, budget=0),
+           "reset, remap.", ("kind",), "incident history (--history.path)", valid=NON_NEGATIVE, sparse=True,
+           budget=0),
     Metric("nvidia_gpu_incident_interval_seconds", HISTOGRAM,
            "Time between consecutive fatal-Xid incidents of the GPU (its measured MTBI), since its first "
            "record; from the GPU's second incident on.", ("le",), "incident history (--history.path)",

@@ -406,7 +406,9 @@ def record_groups(o: Options) -> list[Group]:
             Record("model:nvidia_gpu_incidents:increase5m",
                    f"sum by {o.by('name')} (\n"
                    f"  increase({o.m('nvidia_gpu_incidents_total', 'kind=' + q('fatal_xid'))}[5m])\n"
-                   f"  * on {o.by('job', 'instance', 'gpu', 'uuid')} group_left (name) {o.m('nvidia_gpu_info')}\n)"),
+                   f"  * on {o.by('job', 'instance', 'gpu', 'uuid')} group_left (name) {o.m('nvidia_gpu_info')}\n)\n"
+                   # (incidents_total is sparse: a fleet without incidents has no series, and its rate is 0)
+                   f"or\nsum by {o.by('name')} (model:nvidia_gpus:count) * 0\n"),
             Record("model:nvidia_gpu_hours:5m", f"sum by {o.by('name')} (model:nvidia_gpus:count) * 5 / 60"),
             Record("le:nvidia_gpu_incident_interval_seconds_bucket:increase5m",
                    f"sum by {o.by('le')} (increase({o.m('nvidia_gpu_incident_interval_seconds_bucket')}[5m]))"),

@@ -8,6 +8,8 @@ import re
 import subprocess
 from collections import Counter
 
+import pytest
+
 from nvml_exporter.metrics import ALL_METRICS, BUDGET_LIMIT, BY_NAME, budget_per_gpu
 from tests.conftest import require_tool, samples, wait_for
 from tests.fakenvml.scenario import REPO, FakeNvml, h100_node, read_conf
@@ -33,10 +35,13 @@ def table(counts: Counter[str], gpus: int) -> str:
     return "\n".join([*rows, f"{'total':55} {sum(counts.values()):5} {sum(counts.values()) / gpus:6.2f}/GPU"])
 
 
-def test_demo_page_is_within_the_budget(tmp_path, start_exporter) -> None:
+@pytest.mark.parametrize("history", [False, True], ids=["no-history", "with-history"])
+def test_demo_page_is_within_the_budget(tmp_path, start_exporter, history: bool) -> None:
+    # With the incident history on, as the packaged unit runs it (StateDirectory), and without it.
     fake = FakeNvml(tmp_path / "nvml", read_conf(DEMO))
     gpus = int(fake.state["gpu_count"])
-    exp = start_exporter(fake, wait_ready=True)
+    flags = [f"--history.path={tmp_path / 'history.sqlite'}"] if history else []
+    exp = start_exporter(fake, *flags, wait_ready=True)
     page = str(wait_for(lambda: (p := exp.metrics()) and "nvml_exporter_journal_up" in p and p))
     counts = families(page)
     report = table(counts, gpus)
