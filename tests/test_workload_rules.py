@@ -1,10 +1,11 @@
 """The `workloads` annotation of the per-GPU alerts (rules/generate.py, docs/workloads.md): promtool unit test
 and Debian's real Prometheus over the real exporter, where an Xid 79 alert names the Slurm job on its GPU.
-The pack carries the annotation; alert_rules() keeps a setdefault so the test reads the pack's own."""
+Every alert about one GPU carries the annotation (test_every_alert_about_one_gpu_names_its_jobs)."""
 
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -15,21 +16,26 @@ from tests import promstack
 from tests.conftest import free_port, require_tool, wait_for
 from tests.fakenvml.scenario import REPO, FakeNvml
 
-# The jobs on the alert's GPU, comma-separated, sorted; empty when none. The remediator reads it.
-WORKLOADS = ('{{ range $i, $w := query (printf "nvidia_gpu_workload_info{instance=%q,uuid=%q}" $labels.instance '
-             '$labels.uuid) | sortByLabel "workload_id" }}{{ if $i }}, {{ end }}{{ $w.Labels.workload_id }}{{ end }}')
 NODE_GROUPS = {"nvml-exporter-node"}  # alerts without a uuid label
 
 
 def alert_rules() -> dict[str, Any]:
-    doc = yaml.safe_load((REPO / "rules" / "nvml-exporter-alerts.yml").read_text())
-    for group in doc["groups"]:
-        if group["name"] in NODE_GROUPS:
-            continue
-        for rule in group["rules"]:
-            if "alert" in rule:
-                rule.setdefault("annotations", {}).setdefault("workloads", WORKLOADS)
-    return doc
+    return dict(yaml.safe_load((REPO / "rules" / "nvml-exporter-alerts.yml").read_text()))
+
+
+def test_every_alert_about_one_gpu_names_its_jobs() -> None:
+    # An alert whose description names a GPU by its uuid is about that GPU: the people it pages need the
+    # jobs it hurt, and the remediator reads them for its drain reason and audit.
+    about_a_gpu = {r["alert"]: r["annotations"] for g in alert_rules()["groups"] for r in g["rules"]
+                   if "alert" in r and "$labels.uuid" in r["annotations"].get("description", "")}
+    assert len(about_a_gpu) >= 30 and {"GpuXidFellOffBus", "GpuLost", "GpuEarlyWarning"} <= set(about_a_gpu)
+    # (a template query by the alert's own instance and uuid: tested for what it prints below)
+    missing = sorted(name for name, a in about_a_gpu.items()
+                     if not re.search(r'query \(printf "nvidia_gpu_workload_info\{[^"]*instance=%q,uuid=%q\}"',
+                                      a.get("workloads", "")))
+    assert not missing, f"alerts about one GPU without the workloads annotation: {missing}"
+    node_level = [r["alert"] for g in alert_rules()["groups"] if g["name"] in NODE_GROUPS for r in g["rules"]]
+    assert node_level and all(name not in about_a_gpu for name in node_level)
 
 
 def test_promtool_the_xid79_alert_names_the_jobs_on_its_gpu(tmp_path: Path) -> None:
