@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 
 from nvml_exporter import __version__
+from nvml_exporter.remediator import policy as policy_mod
 from tests.conftest import free_port, require_tool, samples, wait_for
 from tests.fakenvml.scenario import REPO, FakeNvml
 
@@ -181,6 +182,21 @@ def test_agent_unit_has_only_the_privileges_its_steps_need(root: Path) -> None:
                          capture_output=True, text=True)
     score = float(re.search(r"Overall exposure level for \S+: ([0-9.]+)", out.stdout).group(1))  # type: ignore[union-attr]
     assert score <= 4.0, out.stdout  # root with CAP_SYS_ADMIN, yet "OK" (3.0 when written)
+
+
+@pytest.mark.parametrize("unit", ["prometheus-nvml-remediator.service", "prometheus-nvml-remediator-agent.service"])
+def test_remediator_units_let_a_running_step_finish_on_stop(root: Path, unit: str) -> None:
+    """Issue 15 M1: on stop, systemd signals the main process only (KillMode=mixed), which stops taking
+    jobs and waits for the step it runs, and the unit's stop timeout outlasts the longest step of the
+    shipped policies (a step still running when it runs out is killed and re-run at the next start)."""
+    text = (root / "usr/lib/systemd/system" / unit).read_text()
+    settings = dict(line.split("=", 1) for line in text.splitlines() if "=" in line and not line.startswith("#"))
+    assert settings["KillMode"] == "mixed"
+    m = re.fullmatch(r"(\d+)min", settings["TimeoutStopSec"])
+    assert m, settings["TimeoutStopSec"]
+    longest = max(max(policy_mod.load(str(REPO / "examples" / name)).timeouts.values())
+                  for name in ("remediator.example.yml", "remediator-fleet.example.yml"))
+    assert int(m.group(1)) * 60 >= 2 * longest
 
 
 def test_installed_exporter_serves_metrics_with_debian_python(root: Path, fake: FakeNvml) -> None:
