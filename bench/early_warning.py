@@ -18,9 +18,14 @@ import argparse
 import json
 import math
 import random
+import re
 import sys
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
 
 from nvml_exporter.risk import REASON, SCORE
 from nvml_exporter.thermal import NodeModel, Sample
@@ -51,9 +56,37 @@ FAIL_SLOW = 0.08  # clocks -8 % (issue 19)
 ECC_START, ECC_DOUBLING, ECC_HOURS = 1.0, 3.0, 24.0  # burst: 1/h doubling every 3 h, remap pending after 24 h
 FAIL_SLOW_FAILURE_HOURS = 24.0  # assumption: when a fail-slow GPU's job would be declared failed
 KINDS = ("cooling", "fail_slow", "ecc_burst", "vanish")
-# --- the shipped alerts (rules/: NvidiaGpuEarlyWarning, NvidiaGpuGone) ---
-RISK_THRESHOLD, RISK_FOR = 0.5, 1800.0
-GONE_FOR = 120.0
+# --- the shipped alerts, read from the generated pack so the harness judges what ships ---
+ALERTS = Path(__file__).resolve().parent.parent / "rules" / "nvml-exporter-alerts.yml"
+_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def shipped_alert(name: str) -> dict[str, Any]:
+    for group in yaml.safe_load(ALERTS.read_text())["groups"]:
+        for rule in group["rules"]:
+            if rule.get("alert") == name:
+                return dict(rule)
+    raise SystemExit(f"{ALERTS}: no alert {name}")
+
+
+def seconds(text: str) -> float:
+    m = re.fullmatch(r"(\d+)([smh])", text)
+    if not m:
+        raise SystemExit(f"{ALERTS}: cannot read the duration {text!r}")
+    return float(m.group(1)) * _UNITS[m.group(2)]
+
+
+def risk_alert() -> tuple[float, float]:
+    """GpuEarlyWarning: (score threshold, for) — the score alert every degradation but a vanish must raise."""
+    rule = shipped_alert("GpuEarlyWarning")
+    m = re.search(r"nvidia_gpu_risk_score(?:\{[^}]*\})? >= ([0-9.]+)", rule["expr"])
+    if not m:
+        raise SystemExit(f"{ALERTS}: GpuEarlyWarning's threshold is not a plain '>= X'")
+    return float(m.group(1)), seconds(rule["for"])
+
+
+RISK_THRESHOLD, RISK_FOR = risk_alert()
+GONE_FOR = seconds(shipped_alert("GpuGoneFromNvml")["for"])  # NVML counts fewer GPUs than the PCI bus
 GRID = [(t, f) for t in (0.3, 0.5, 0.7) for f in (900.0, 1800.0, 3600.0)]
 WARMUP = 86400.0  # s: the first day settles baselines; false alarms are counted after it
 
