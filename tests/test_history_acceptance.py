@@ -66,13 +66,16 @@ def test_xid94_after_every_reset_never_escalates_while_xid48_so_repeated_goes_to
     exp = start_exporter(fake, f"--history.path={db}", f"--xid.journal-path={journal}", "--collect.min-interval=10ms",
                          wait_ready=True)
 
-    def escalated() -> dict[str, float] | None:
+    def read() -> dict[str, float] | None:  # the whole journal, to its last line (GPU 1's fourth Xid 48)
         s = samples(exp.metrics())
-        return s if s.get(key(fake, 1, "nvidia_gpu_health", check="history")) == 2 else None
+        done = (s.get("nvml_exporter_journal_up") == 1
+                and s.get(key(fake, 1, "nvidia_gpu_incidents_total", kind="fatal_xid")) == 4)
+        return s if done else None
 
-    s = wait_for(escalated, timeout=30)
+    s = wait_for(read, timeout=30)
     assert isinstance(s, dict)
     # the control: Xid 48 back after 3 resets is beyond its threshold (2)
+    assert s[key(fake, 1, "nvidia_gpu_health", check="history")] == 2
     assert actions(s, fake, 1) == {"rma_eval"}
     assert s[key(fake, 1, "nvidia_gpu_incidents_total", kind="fatal_xid")] == 4
     # GPU 0 saw as many Xids and as many resets, and nothing escalates
