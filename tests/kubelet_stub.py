@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import threading
 import time
 from collections.abc import Iterator
 from concurrent import futures
@@ -21,10 +22,33 @@ class Lister(api_pb2_grpc.PodResourcesListerServicer):
         self.gpu0 = gpu0  # the UUID the first pod's GPU is named by
         self.delay = 0.0
         self.calls = 0
+        # A hung kubelet, on the test's word instead of a clock: `hang()` and every List call waits at the
+        # gate until `release()`; `held` counts the calls waiting there, `reached` is set when one arrives.
+        self.gate = threading.Event()
+        self.gate.set()
+        self.reached = threading.Event()
+        self.held = 0
+        self._lock = threading.Lock()
+
+    def hang(self) -> None:
+        self.reached.clear()
+        self.gate.clear()
+
+    def release(self) -> None:
+        self.gate.set()
 
     def List(self, request: api_pb2.ListPodResourcesRequest, context: grpc.ServicerContext,
              ) -> api_pb2.ListPodResourcesResponse:
         self.calls += 1
+        if not self.gate.is_set():
+            with self._lock:
+                self.held += 1
+            self.reached.set()
+            try:
+                self.gate.wait(60)
+            finally:
+                with self._lock:
+                    self.held -= 1
         time.sleep(self.delay)
 
         def container(name: str, resource: str, *ids: str) -> api_pb2.ContainerResources:
@@ -53,4 +77,5 @@ def serving(path: Path, gpu0: str = GPU0_UUID) -> Iterator[Lister]:
     try:
         yield lister
     finally:
+        lister.release()  # no server thread left waiting at the gate
         server.stop(grace=None)

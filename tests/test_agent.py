@@ -346,7 +346,8 @@ def test_agent_restarted_after_dying_mid_reset_restores_holders_and_exporter(fle
     wait_for(lambda: [r for r in f.audit("node-a") if r["event"] == "reset_recovered"], timeout=30)
     assert ["systemctl", "start", "nvidia-dcgm"] in calls(f.directory, "systemctl")
     assert control.request(str(f.socket), "status") == "released=none"
-    assert not (state / "reset-in-progress.json").exists()
+    # (the agent writes the audit record, then removes the marker: wait for it rather than race it)
+    wait_for(lambda: not (state / "reset-in-progress.json").exists(), timeout=10)
     wait_for(lambda: samples(f.exporter.metrics()).get(f'nvidia_gpu_up{{gpu="0",uuid="{f.uuid}"}}') == 1)
 
 

@@ -284,15 +284,14 @@ def test_a_100000_xid_storm_keeps_the_store_within_its_cap_and_memory_bounded(tm
     h = store(tmp_path, clock=clock)
     tracemalloc.start()
     try:
-        started = time.monotonic()
         for i in range(100_000):  # every one a new incident: 6 s apart on each GPU and code
             h.record_xid(f"GPU-{i % 8}", (79, 48, 13, 119)[(i // 8) % 4], T0 + (i // 32) * 6.0, "storm")
-        elapsed = time.monotonic() - started
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
     h.close()
-    assert elapsed < 60
+    # (the store's Python heap; the exporter's resident memory and files under a storm of the same size are
+    # held in test_history_acceptance.py)
     assert peak < 12 * 1024 * 1024, peak
     path = tmp_path / "history.sqlite"
     rows = History(str(path), readonly=True, boot_id="boot-a")

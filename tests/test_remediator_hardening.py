@@ -416,13 +416,13 @@ def test_idle_tcp_connect_does_not_block_tls_webhooks(workdir: Path, remediators
     wait_for(up)
     with socket.create_connection(("127.0.0.1", r.port)):  # connects, sends no ClientHello
         time.sleep(0.2)
-        started = time.monotonic()
+        # https()'s 10 s socket timeout is the bound: a handshake queued behind the idle one would wait for
+        # its 30 s deadline (--web.request-timeout's default), and this delivery would fail
         conn = https(r.port, cert)
         conn.request("POST", "/webhook", json.dumps(payload(alert())),
                      {"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"})
         response = conn.getresponse()
         assert (response.status, json.loads(response.read())) == (200, {"queued": 1, "skipped": {}})
-        assert time.monotonic() - started < 5
 
 
 def test_connection_cap_and_whole_request_deadline(workdir: Path, remediators: list[Remediator]) -> None:
@@ -443,7 +443,9 @@ def test_connection_cap_and_whole_request_deadline(workdir: Path, remediators: l
             s.close()
     wait_for(lambda: raw_exchange(r.port, b"GET /-/healthy HTTP/1.1\r\n\r\n").startswith(b"HTTP/1.1 200"))
     with socket.create_connection(("127.0.0.1", r.port), timeout=10) as s:
-        started, answer = time.monotonic(), b""
+        # The answer is read only while bytes still come (one every 0.2 s, a deadline per read never fires):
+        # a 408 here is the whole request's 1 s deadline, long before the 136 bytes run out (~27 s).
+        answer = b""
         for byte in b"POST /webhook HTTP/1.1\r\nHost: x\r\n" * 4:  # a byte every 0.2 s: never a whole head
             try:
                 s.sendall(bytes([byte]))
@@ -457,7 +459,6 @@ def test_connection_cap_and_whole_request_deadline(workdir: Path, remediators: l
             if answer:
                 break
         assert answer.startswith(b"HTTP/1.1 408"), answer
-        assert time.monotonic() - started < 4
     page = r.metrics()
     assert 'nvml_remediator_requests_refused_total{code="408"} 1.0' in page
     assert re.search(r'^nvml_remediator_requests_refused_total\{code="503"\} [1-9]', page, re.M)
@@ -507,26 +508,28 @@ def test_refused_body_is_never_read_as_the_next_request(workdir: Path, remediato
     assert answer.startswith(b"HTTP/1.1 413") and answer.count(b"HTTP/1.1 ") == 1, answer
 
 
-def _cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def test_out_of_file_descriptors_it_waits_instead_of_spinning(workdir: Path, remediators: list[Remediator]) -> None:
     """M2: at the file-descriptor limit the remediator's accept loop spun at 99 % CPU and refused
-    webhooks; now it pauses while accept() finds no descriptor, and serves again once some are free."""
+    webhooks; now it pauses while accept() finds no descriptor (5 ms doubling up to 1 s), and serves again
+    once some are free. Counted, not timed: its log says "cannot accept" once per 10 s, and the next such
+    line counts the failed accept() calls held back in between (`suppressed`): a dozen or so when it
+    pauses, millions when it spins (a slower machine only makes fewer)."""
     policy(workdir, DRAIN_RULES)
     r = run(workdir, remediators, "--web.max-connections=1000")
     resource.prlimit(r.proc.pid, resource.RLIMIT_NOFILE, (48, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
     clients = [socket.create_connection(("127.0.0.1", r.port), timeout=10) for _ in range(60)]
+
+    def refusals() -> list[str]:
+        return [line for line in r.log().splitlines() if "cannot accept a connection" in line]
+
     try:
-        time.sleep(0.5)
-        before = _cpu_seconds(r.proc.pid)
-        time.sleep(3.0)
-        spent = _cpu_seconds(r.proc.pid) - before
-        assert spent < 0.5, f"the accept loop spent {spent:.2f} s of CPU in 3 s at the descriptor limit"
+        lines = wait_for(lambda: len(refusals()) >= 2 and refusals(), timeout=40, interval=0.2)
     finally:
         for c in clients:
             c.close()
+    assert isinstance(lines, list)
+    held_back = re.search(r"\bsuppressed=(\d+)", lines[1])
+    assert held_back and 1 <= int(held_back[1]) <= 40, lines[1]  # in 10 s of pauses that reach 1 s: ~16
+    assert "pause_s=1.0" in lines[1]  # backed off to its cap
     wait_for(lambda: raw_exchange(r.port, b"GET /-/healthy HTTP/1.0\r\n\r\n").endswith(b"OK\n"), timeout=20)
     assert r.post(payload(alert())) == (200, {"queued": 1, "skipped": {}})

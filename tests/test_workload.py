@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import os
-import time
 from pathlib import Path
 
 import pytest
@@ -190,10 +189,13 @@ def test_kubelet_slow_server_times_out_and_keeps_the_last_reading(kubelet) -> No
     source = Kubelet(str(path), timeout=0.3)
     tracker = Tracker([source])
     assert tracker.refresh(source)
-    lister.delay = 2.0
-    t0 = time.monotonic()
-    assert not tracker.refresh(source)
-    assert time.monotonic() - t0 < 1.5  # the refresh thread is not held by the slow kubelet
+    lister.hang()
+    try:
+        assert not tracker.refresh(source)
+        # the kubelet has still not answered: the refresh ended on its own timeout, not held by the kubelet
+        assert lister.held == 1
+    finally:
+        lister.release()
     assert tracker.errors_total() == {"kubelet": 1}
     assert tracker.workloads(GPU0) == (pod("ml", "train-0", "trainer"),)  # served from the last good reading
     source.close()
@@ -201,19 +203,20 @@ def test_kubelet_slow_server_times_out_and_keeps_the_last_reading(kubelet) -> No
 
 def test_kubelet_refresh_thread_never_touches_the_scrape(kubelet) -> None:
     path, lister = kubelet
-    source = Kubelet(str(path), interval=0.05, timeout=2.0)
+    # the refresh thread's List call waits as long as the kubelet does (timeout 60 s, past the gate's wait)
+    source = Kubelet(str(path), interval=0.05, timeout=60.0)
     tracker = Tracker([source])
     tracker.start()
     try:
-        deadline = time.monotonic() + 10
-        while not tracker.workloads(GPU0) and time.monotonic() < deadline:
-            time.sleep(0.02)
-        lister.delay = 1.0  # the kubelet hangs: a scrape's question is answered at once
-        time.sleep(0.1)
-        t0 = time.monotonic()
-        assert tracker.series(GPU0)
-        assert time.monotonic() - t0 < 0.05
+        wait_for(lambda: tracker.workloads(GPU0), timeout=10, interval=0.02)
+        lister.hang()  # the kubelet hangs, with the refresh thread inside a List call
+        assert lister.reached.wait(10)
+        # a scrape's question is answered while that call is still held, from the last reading
+        assert tracker.series(GPU0) == {("ml/train-0", "kubelet", "", "", "", "ml", "train-0", "trainer"): 1.0}
+        assert lister.held == 1
+        assert tracker.errors_total() == {"kubelet": 0}  # (and the refresh in flight has not ended)
     finally:
+        lister.release()
         tracker.stop()
         source.close()
 

@@ -29,24 +29,24 @@ def rss_kib(pid: int) -> int:
     raise AssertionError("no VmRSS")
 
 
-def test_xid79_shows_within_two_seconds_while_a_scrape_is_in_flight(fake: FakeNvml, start_exporter) -> None:
+def test_xid79_shows_while_a_scrape_is_in_flight(fake: FakeNvml, start_exporter) -> None:
     exp = start_exporter(fake, "--collect.min-interval=10ms", "--no-xid.journal", wait_ready=True)
-    fake.set({"gpu.6.latency_us.nvmlDeviceGetPowerUsage": 3_000_000})  # GPU 6 answers slowly from now on
+    fake.set({"gpu.6.latency_us.nvmlDeviceGetPowerUsage": 6_000_000})  # GPU 6 answers slowly from now on
     time.sleep(0.05)
     slow = threading.Thread(target=lambda: exp.metrics(headers={"X-Prometheus-Scrape-Timeout-Seconds": "10"}))
     slow.start()
     time.sleep(0.2)
     assert slow.is_alive()  # a scrape is in flight, waiting on GPU 6
-    appended = time.monotonic()
+    xid_at = time.time()
     fake.xid(1, 79)
-    # the series appears at once (the scrape in flight does not hold the watcher up); its count next
+    # the series appears while that scrape is still in flight (it does not hold the watcher up); its count next
     wait_for(lambda: series(fake, 1, 79, "nvidia_gpu_xid_last_timestamp_seconds") in exp.get("/metrics", timeout=5)[1],
-             timeout=2.0, interval=0.02)
-    assert time.monotonic() - appended < 2.0
+             timeout=10, interval=0.02)
+    assert slow.is_alive()
     slow.join()
     fake.unset("gpu.6.latency_us.nvmlDeviceGetPowerUsage")
     s = samples(str(wait_for(lambda: (p := exp.metrics()) and samples(p).get(series(fake, 1, 79)) == 1 and p)))
-    assert time.time() - 10 < s[series(fake, 1, 79, "nvidia_gpu_xid_last_timestamp_seconds")] <= time.time()
+    assert xid_at - 1 <= s[series(fake, 1, 79, "nvidia_gpu_xid_last_timestamp_seconds")] <= time.time()  # its own
     assert not any(k.startswith("nvidia_gpu_xid_errors_total") and 'gpu="1"' not in k for k in s)
     assert s[f'nvidia_gpu_health{{gpu="1",uuid="{fake.state["gpu.1.uuid"]}",check="xid"}}'] == 2
     assert s[f'nvidia_gpu_recommended_action{{gpu="1",uuid="{fake.state["gpu.1.uuid"]}",action="reboot_node"}}'] == 1
@@ -124,20 +124,19 @@ def test_a_journal_line_written_while_it_runs_is_counted_promptly(tmp_path: Path
     exp = start_exporter(fake, "--collect.min-interval=10ms", f"--xid.journal-path={directory}", wait_ready=True)
     wait_for(lambda: samples(exp.metrics()).get("nvml_exporter_journal_up") == 1)
     time.sleep(1.0)  # the follower is past its backfill and asleep
-    written = time.monotonic()
     write_journal(directory / "system@2.journal", [(time.time(), xid_line("0000:53:00", 31, "MMU Fault"))])
+    # asleep on a reliable inotify fd with no timer (get_timeout_ms -1): only the new file's event wakes it,
+    # so a line counted at all was counted on that wake-up
     wait_for(lambda: samples(exp.metrics()).get(series(fake, 0, 31)) == 1, timeout=10, interval=0.05)
-    assert time.monotonic() - written < 3.0
 
 
 def test_sigterm_stops_an_idle_exporter_at_once(fake: FakeNvml, start_exporter) -> None:
     """serve_forever waits long between polls (an idle exporter wakes for nothing): the signal ends it."""
     exp = start_exporter(fake, wait_ready=True)
     time.sleep(0.5)
-    t0 = time.monotonic()
     exp.proc.send_signal(signal.SIGTERM)
+    # serve_forever's poll is an hour long: exiting within the 20 s wait means the signal ended it
     assert exp.proc.wait(timeout=20) == 0
-    assert time.monotonic() - t0 < 5.0
     assert "shutting down" in exp.log() and "Traceback" not in exp.log()
 
 
