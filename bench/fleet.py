@@ -522,9 +522,24 @@ def run_prometheus(procs: Processes, workdir: Path, nodes: int, fleet_port: int,
         # the query itself would take seconds and memory, and the scraped samples say the same)
         "fleet_series": query(base, f'count({{job="{JOB}", __name__!~"up|scrape_.+|ALERTS|ALERTS_FOR_STATE|.+:.+"}})')
         if want <= 200_000 else None,
+        "rules_last": rule_times(base),
     }
     procs.stop(proc)
     return phase.summary(ended)
+
+
+def rule_times(base: str) -> dict[str, dict[str, dict[str, Any]]]:
+    """Per group, per rule: its last evaluation's seconds, health and the alerts it holds (pending or
+    firing), from Prometheus's /api/v1/rules: which rules of a slow group cost its time. An alerting
+    rule's annotations are expanded for every alert it holds on every evaluation, so a query in a
+    template costs once per alert."""
+    body = json.loads(http_get(f"{base}/api/v1/rules", timeout=120))
+    out: dict[str, dict[str, dict[str, Any]]] = {}
+    for g in body.get("data", {}).get("groups", []):
+        for r in g.get("rules", []):
+            out.setdefault(g["name"], {})[r["name"]] = {
+                "seconds": r.get("evaluationTime"), "health": r.get("health"), "alerts": len(r.get("alerts") or [])}
+    return out
 
 
 def run_victoriametrics(procs: Processes, workdir: Path, nodes: int, fleet_port: int, rule_files: list[Path],
@@ -706,6 +721,13 @@ def report_run(label: str, run: dict[str, Any]) -> list[str]:
             s = eng["groups"].get(gr["name"]) if eng else None
             cells.append(f"{fmt(s['steady_seconds'], 3)} ({fmt(s['max_seconds'], 3)})" if s else "—")
         out.append(f"| {gr['name']} | {gr['interval_seconds']:g} s | {gr['rules']} | {cells[0]} | {cells[1]} |")
+    per_rule = [(v["seconds"], g, name, v["alerts"]) for g, rules in (prom or {}).get("rules_last", {}).items()
+                for name, v in rules.items() if v.get("seconds") is not None]
+    if per_rule:
+        out += ["", f"Costliest rules on Prometheus (their last evaluation, of {len(per_rule)}; an alert's annotations "
+                "are expanded for each alert it holds, every evaluation):", "",
+                "| rule | group | seconds | alerts held |", "|---|---|---:|---:|"]
+        out += [f"| {name} | {g} | {fmt(sec, 3)} | {alerts:,} |" for sec, g, name, alerts in sorted(per_rule)[::-1][:8]]
     return [*out, ""]
 
 

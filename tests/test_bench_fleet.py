@@ -137,6 +137,10 @@ def test_fleet_of_five_nodes_on_prometheus_and_victoriametrics(tmp_path: Path) -
         # a failing rule is counted: the zero above is a measurement, not a default
         assert figures["groups"]["bench-canary"]["failures"] >= 1, engine
         assert figures["evaluation_failures"] == figures["groups"]["bench-canary"]["failures"], engine
+    # per rule: the failing canary shows as such, and every shipped group's rules are there
+    per_rule = run["prometheus"]["rules_last"]
+    assert per_rule["bench-canary"]["bench:canary:duplicate"]["health"] == "err"
+    assert shipped <= set(per_rule)
     assert run["prometheus"]["fleet_series"] == want
     assert run["prometheus"]["head_series"] > want  # plus up/scrape_* and the records
     assert run["victoriametrics"]["series"] > want
