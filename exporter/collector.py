@@ -56,6 +56,7 @@ class Collector:
         self._clock = clock
         self._wall = wall
         # (late-bound through self._read_gpu: a test wraps it to see which thread reads)
+        self._read = node.read
         self._scheduler: Scheduler[Gpu] = Scheduler(node.gpus, lambda gpu: self._read_gpu(gpu), self._snapshot,
                                                     min_interval=min_interval, clock=clock)
         self.initialised = node.initialised  # NVML came up at least once, its GPUs attached (readiness)
@@ -118,17 +119,19 @@ class Collector:
         return max(0.0, timeout - (self._clock() - began))
 
     def _read_gpu(self, gpu: Gpu) -> None:
-        self._node.read(gpu)
+        self._read(gpu)
 
     def _snapshot(self, stale: set[int]) -> Snapshot:
         """The scheduler's: the GPUs as last read, through the pipeline."""
         gpus, status = self._node.raw(stale)
         workloads = self._pipeline.workloads
+        mono, timeouts = self._clock(), self._scheduler.timeouts()
         state = ExporterState(
             nvml_up=status.nvml_up,
             driver_version=status.driver_version,
             nvml_errors=status.nvml_errors,
-            timeouts=self._scheduler.timeouts(),
+            timeouts=timeouts,
+            served_timeouts=self._pipeline.served_timeouts(timeouts, mono),
             invalid_readings=status.invalid_readings,
             last_collect_timestamp=self._wall(),
             journal_up=self._journal_up(),
@@ -138,7 +141,6 @@ class Collector:
             pci_devices=status.pci_devices,
             expected_gpus=self.expected_gpus,
         )
-        mono = self._clock()
         return self._pipeline.run(Snapshot(gpus=tuple(gpus), state=state, taken_at=mono), state.last_collect_timestamp,
                                   mono)
 

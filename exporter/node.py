@@ -90,6 +90,7 @@ class Node:
         self._reads = GpuReads(library, self._lock, slow_interval=slow_interval, clock=clock, freeze=freeze,
                                let_go=self._let_go, went_stale=self._went_stale, changed=self._wake.set,
                                count_error=self.count_error)
+        self.read = self._reads.read  # one GPU's read (the scheduler's, on whichever thread it picks)
 
     # -- the NVML lifecycle ----------------------------------------------------------------------
     def start(self, came_up: Callable[[], None]) -> None:
@@ -393,10 +394,6 @@ class Node:
             self._errors[(function, error_name(code))] += 1
 
     # -- reads -----------------------------------------------------------------------------------
-    def read(self, gpu: Gpu) -> None:
-        """Read one GPU (GpuReads.read)."""
-        self._reads.read(gpu)
-
     def _let_go(self, gpu: Gpu) -> bool:
         """No driver call for this GPU: NVML is down, or released on the agent's request (under _lock)."""
         return not self._nvml_up or self._released_all or gpu.identity.uuid in self._released

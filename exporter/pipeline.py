@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import logging
 import threading
-from dataclasses import dataclass, replace
+from collections.abc import Mapping
+from dataclasses import dataclass
 from types import MappingProxyType
 
 from .diagnosis import Diagnoser, Finding
@@ -69,8 +70,12 @@ class Pipeline:
         with self._lock:
             extra = self._model(raw.gpus, mono)
             gpus = tuple(self._diagnosed(g, now, mono, extra.get(g.identity.uuid)) for g in raw.gpus)
-            served = self._timeouts_served.served(raw.state.timeouts, mono)
-        return Snapshot(gpus=gpus, state=replace(raw.state, served_timeouts=served), taken_at=raw.taken_at)
+        return Snapshot(gpus=gpus, state=raw.state, taken_at=raw.taken_at)
+
+    def served_timeouts(self, timeouts: Mapping[str, int], mono: float) -> dict[str, int]:
+        """The timeouts as the page serves them: a GPU's from its first on, at 0 first (ZeroFirst)."""
+        with self._lock:
+            return self._timeouts_served.served(timeouts, mono)
 
     def _model(self, base: tuple[GpuSnapshot, ...], mono: float) -> dict[str, Values]:
         """The thermal model and risk series of the GPUs that answered (thermal.py)."""
