@@ -55,8 +55,8 @@ class Collector:
         self.expected_gpus = expected_gpus
         self._clock = clock
         self._wall = wall
-        # (late-bound through self._read_gpu: a test wraps it to see which thread reads)
         self._read = node.read
+        # (reads late-bound through self._read_gpu: a test wraps it to see which thread reads)
         self._scheduler: Scheduler[Gpu] = Scheduler(node.gpus, lambda gpu: self._read_gpu(gpu), self._snapshot,
                                                     min_interval=min_interval, clock=clock)
         self.initialised = node.initialised  # NVML came up at least once, its GPUs attached (readiness)

@@ -26,6 +26,7 @@ from .reading import Gpu, GpuReads
 from .snapshot import GpuIdentity, GpuSnapshot, Values
 
 log = logging.getLogger("nvml_exporter.node")
+
 # What a GPU the agent asked the exporter to let go of serves besides `up 0` (one series: the reason).
 RELEASED: Values = {"nvidia_gpu_released": {(): 1.0}}
 MAX_GPUS = 4096  # tracked at most: GPUs that come and go by new UUIDs for a long time must not grow it
@@ -44,7 +45,7 @@ class EventSource(Protocol):
 
 
 class NodeStatus(NamedTuple):
-    """The reader's part of the exporter's state (snapshot.ExporterState)."""
+    """The node's part of the exporter's state (snapshot.ExporterState)."""
 
     nvml_up: bool
     driver_version: str
