@@ -32,7 +32,7 @@ __all__ = ["Collector", "ReleaseError"]
 
 
 class Events(EventSource, Protocol):
-    """The NVML event watcher (events.EventWatcher), started once the GPUs are attached."""
+    """The NVML event watcher (nvml.events.EventWatcher), started once the GPUs are attached."""
 
     @property
     def first_registration(self) -> threading.Event: ...

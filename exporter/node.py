@@ -37,7 +37,7 @@ class ReleaseError(Exception):
 
 
 class EventSource(Protocol):
-    """The NVML event watcher, as a release needs it (events.EventWatcher)."""
+    """The NVML event watcher, as a release needs it (nvml.events.EventWatcher)."""
 
     def pause(self, timeout: float) -> bool: ...
 
