@@ -1,6 +1,6 @@
 """The exporter's own collect + render, without HTTP: the figure the C floor's header (bench/cref/cref.c)
-says to compare it with. The same Collector (sweep thread, event thread, deadlines, diagnosis) and renderer that serve
-/metrics, started as `nvml-exporter --no-xid.journal` starts them, looped like `cref -n N`; each
+says to compare it with. The same Collector (sweep thread, event thread, deadlines, diagnosis) and Renderer that serve
+/metrics, built and started as `nvml-exporter --no-xid.journal` builds and starts them, looped like `cref -n N`; each
 collection is handed to the renderer as a scrape hands it (Collector.collect_into).
 
     LD_LIBRARY_PATH=build/fakenvml FAKE_NVML_STATE=scenario.conf python bench/collect_render.py -n 2000
@@ -16,9 +16,8 @@ import json
 import sys
 import time
 
-from nvml_exporter.cli import _freeze_startup_objects, _one_malloc_arena
-from nvml_exporter.collector import Collector
-from nvml_exporter.exposition import BuildInfo, render_chunks
+from nvml_exporter.cli import _freeze_startup_objects, _one_malloc_arena, build_collector
+from nvml_exporter.exposition import BuildInfo, Renderer
 from nvml_exporter.nvml import Library
 from nvml_exporter.snapshot import Snapshot
 
@@ -32,12 +31,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.n < 1:
         p.error("-n must be at least 1")
     _one_malloc_arena()
-    collector = Collector(Library(), min_interval=1e-6, journal=False)  # 1 us: every call collects
+    collector = build_collector(Library(), min_interval=1e-6, journal=False)  # 1 us: every call collects
+    renderer = Renderer()
     collector.start()
     last: list[tuple[Snapshot, list[bytes]]] = []
 
     def deliver(snap: Snapshot, _taken_over: bool) -> None:  # what the server's scrape does, less HTTP
-        last[:] = [(snap, render_chunks(snap, build))]
+        last[:] = [(snap, renderer.render_chunks(snap, build))]
 
     try:
         if not collector.initialised.wait(TIMEOUT):

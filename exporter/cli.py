@@ -15,13 +15,18 @@ from collections.abc import Sequence
 from . import __version__, control, logs, sdnotify, webconfig
 from .argtypes import Parser, duration, listen_address, positive_int
 from .collector import Collector
-from .exposition import BuildInfo
+from .exposition import BuildInfo, Renderer
 from .history import BOOT_ID_PATH, History, HistoryError
+from .journal import JournalFollower
+from .node import Node
 from .nvml import Library
+from .nvml.events import EventWatcher
 from .pcibus import SYSFS_PCI
+from .pipeline import HistorySinks, Pipeline
 from .server import App, Server
 from .thermal import NodeModel
 from .workload import wiring
+from .xidstore import XidStore
 
 log = logging.getLogger("nvml_exporter")
 
@@ -127,15 +132,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     if isinstance(history, str):
         print(f"nvml-exporter: error: {history}", file=sys.stderr)
         return 1
-    collector = Collector(Library(args.library), min_interval=args.min_interval,
-                          slow_interval=args.slow_interval, journal=args.journal, journal_path=args.journal_path,
-                          nvlink_per_link=args.nvlink_per_link, history=history, pci_root=args.pci_root or None,
-                          expected_gpus=args.gpus_expected, peers=NodeModel())
+    collector = build_collector(Library(args.library), min_interval=args.min_interval,
+                                slow_interval=args.slow_interval, journal=args.journal, journal_path=args.journal_path,
+                                nvlink_per_link=args.nvlink_per_link, history=history, pci_root=args.pci_root or None,
+                                expected_gpus=args.gpus_expected, peers=NodeModel(),
+                                freeze=os.environ.get(FREEZE_ENV) == "1")
     workloads = wiring.build(collector, slurm_dir=args.workload_slurm_dir,
                              kubelet_socket=args.workload_kubelet_socket, processes=args.workload_processes,
                              interval=args.workload_interval)
     app = App(collect=collector.collect, ready=collector.initialised.is_set, web=web, build=BuildInfo.detect(),
-              telemetry_path=args.path, collect_timeout=args.timeout, collect_into=collector.collect_into)
+              telemetry_path=args.path, collect_timeout=args.timeout, collect_into=collector.collect_into,
+              renderer=Renderer())
     host, port = args.listen
     try:
         activated = sdnotify.listen_socket()
@@ -171,7 +178,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         # which lets the wait be long (a short poll interval woke an idle exporter twice a second).
         raise _Stopping
 
-    watchdog: sdnotify.Watchdog | None = None
+    systemd_watchdog: sdnotify.SystemdWatchdog | None = None
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
     try:  # (from here on: a signal may arrive before serve_forever is reached)
@@ -184,13 +191,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         log.info("listening", extra={"address": f"{host or '*'}:{server.server_address[1]}",
                                       "tls": web.ssl_context is not None, "version": __version__,
                                       "socket_activated": activated is not None})
-        watchdog = _systemd(collector, args.timeout)
+        systemd_watchdog = _systemd(collector, args.timeout)
         server.serve_forever(poll_interval=_SERVE_POLL_SECONDS)
     except _Stopping:
         log.debug("serving stopped")
     finally:
-        if watchdog is not None:
-            watchdog.stop()
+        if systemd_watchdog is not None:
+            systemd_watchdog.stop()
         if ctl is not None:
             ctl.stop()
         if workloads is not None:
@@ -200,6 +207,31 @@ def main(argv: Sequence[str] | None = None) -> int:
         if history is not None:
             history.close()
     return 0
+
+
+# The frozen-readings test mode (snapshot.py): the tests' exporters run in it, so that a stage that changes
+# a reading in place raises instead of being served a cached verdict or page.
+FREEZE_ENV = "NVML_EXPORTER_FREEZE_READINGS"
+
+
+def build_collector(library: Library, *, min_interval: float = 1.0, slow_interval: float = 30.0,
+                    init_backoff: tuple[float, float] = (0.5, 10.0), events: bool = True, journal: bool = True,
+                    journal_path: str | None = None, history: History | None = None, sparse: bool = True,
+                    nvlink_per_link: bool = False, pci_root: str | None = None, expected_gpus: int | None = None,
+                    peers: NodeModel | None = None, freeze: bool = False) -> Collector:
+    """The collector over `library`, with its Xid sources: the XidStore its pipeline reads, and the NVML
+    event watcher and the kernel journal follower that fill it (`events`, `journal`), each Xid and each
+    acknowledged reset recorded in the incident history where there is one."""
+    node = Node(library, slow_interval=slow_interval, init_backoff=init_backoff, pci_root=pci_root, freeze=freeze)
+    sinks = HistorySinks(history) if history is not None else None
+    xids = XidStore(sink=sinks.xid if sinks is not None else None)
+    watcher = EventWatcher(node.attached, xids, node.count_error) if events else None
+    follower = (JournalFollower(xids, node.resolve_pci, journal_path, ready=node.initialised,
+                                on_reset=sinks.reset if sinks is not None else None) if journal else None)
+    pipeline = Pipeline(xids, history=history, peers=peers, sparse=sparse, nvlink_per_link=nvlink_per_link,
+                        freeze=freeze)
+    return Collector(node, pipeline, events=watcher, journal=follower, min_interval=min_interval,
+                     expected_gpus=expected_gpus)
 
 
 def _open_history(path: str | None, boot_id_path: str) -> History | str | None:
@@ -252,7 +284,7 @@ def _freeze_startup_objects(collector: Collector) -> None:
         gc.freeze()
 
 
-def _systemd(collector: Collector, timeout: float) -> sdnotify.Watchdog | None:
+def _systemd(collector: Collector, timeout: float) -> sdnotify.SystemdWatchdog | None:
     """READY=1 once the socket listens and NVML has been tried; then watchdog pings while healthy."""
     def ready() -> None:
         collector.tried.wait()
@@ -269,7 +301,7 @@ def _systemd(collector: Collector, timeout: float) -> sdnotify.Watchdog | None:
             collector.collect(min(timeout, interval))  # a collection proves the loop; cached if recent
         return collector.health(max_hang=2 * interval)
 
-    watchdog = sdnotify.Watchdog(interval, healthy)
+    watchdog = sdnotify.SystemdWatchdog(interval, healthy)
     watchdog.start()
     return watchdog
 

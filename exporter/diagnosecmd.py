@@ -16,8 +16,7 @@ from collections.abc import Mapping, Sequence
 from datetime import datetime, timezone
 from typing import Any
 
-from .cli import add_workload_flags
-from .collector import Collector
+from .cli import add_workload_flags, build_collector
 from .diagnosis import STATUS_VALUE, Check
 from .history import History, HistoryError, default_path, row_dict
 from .kernlog import xid_fields
@@ -240,9 +239,9 @@ def main(argv: Sequence[str]) -> int:
         except HistoryError as e:
             print(f"nvml-exporter diagnose: incident history not read: {e}", file=sys.stderr)
     # sparse=False: a one-shot report lists every reading (every link, every counter), not the page's selection
-    collector = Collector(Library(args.library), min_interval=0.0, events=False, journal=args.journal, sparse=False,
-                          journal_path=args.journal_path, init_backoff=(args.timeout, args.timeout),
-                          history=incidents)
+    collector = build_collector(Library(args.library), min_interval=0.0, events=False, journal=args.journal,
+                                sparse=False, journal_path=args.journal_path,
+                                init_backoff=(args.timeout, args.timeout), history=incidents)
     collector.start()
     collector.tried.wait(args.timeout)
     error = ""

@@ -1,4 +1,5 @@
-"""Per-GPU diagnosis: pure functions from (snapshot, previous snapshot, Xid history) to verdicts.
+"""Per-GPU diagnosis: pure functions from (snapshot, previous snapshot, Xid history) to verdicts, and a
+`Diagnoser` that does the same with its own cache of the snapshot rules' findings (one per pipeline).
 
 Each check is ok, warning or critical with a reason a person can read and one action from
 xid.ACTIONS. The conditions are rows of tables, not branches: a row names the check, what it looks
@@ -207,22 +208,39 @@ RULE_INPUTS: tuple[str, ...] = (
 
 
 def _snapshot_findings(g: GpuSnapshot) -> list[Finding]:
-    """SNAPSHOT_RULES over the GPU's values. Their inputs mostly read the same from one scrape to the
-    next: while they compare equal to the last time (in C), the last findings stand."""
-    inputs = tuple(map(g.values.get, RULE_INPUTS))
-    last = _LAST_RULES.get(g.identity.uuid)
-    if last is not None and last[0] == inputs:
-        return last[1]
+    """SNAPSHOT_RULES over the GPU's values."""
     found = []
     for check, status, action, reason, test in SNAPSHOT_RULES:
         value = test(g)
         if value is not None:
             found.append(Finding(check, status, action, reason.format(v=value)))
-    _LAST_RULES[g.identity.uuid] = (inputs, found)
     return found
 
 
-_LAST_RULES: dict[str, tuple[tuple[Mapping[tuple[str, ...], float] | None, ...], list[Finding]]] = {}
+_RuleInputs = tuple[Mapping[tuple[str, ...], float] | None, ...]
+
+
+class Diagnoser:
+    """diagnose(), with each GPU's snapshot-rule findings kept while the rules' inputs compare equal to
+    the last time (in C): they mostly read the same from one scrape to the next. The comparison is by
+    the mappings' identity first, so it relies on the no-mutation invariant (snapshot.py). Not
+    thread-safe: its owner (the pipeline) calls it under its lock."""
+
+    def __init__(self) -> None:
+        self._last: dict[str, tuple[_RuleInputs, list[Finding]]] = {}  # uuid -> rule inputs, findings
+
+    def diagnose(self, g: GpuSnapshot, history: Iterable[XidEvent] = (), prev: GpuSnapshot | None = None,
+                 seconds: float = 0.0, now: float = 0.0, escalations: Iterable[Finding] = ()) -> Diagnosis:
+        return _diagnose(g, history, prev, seconds, now, escalations, self._snapshot_findings)
+
+    def _snapshot_findings(self, g: GpuSnapshot) -> list[Finding]:
+        inputs = tuple(map(g.values.get, RULE_INPUTS))
+        last = self._last.get(g.identity.uuid)
+        if last is not None and last[0] == inputs:
+            return last[1]
+        found = _snapshot_findings(g)
+        self._last[g.identity.uuid] = (inputs, found)
+        return found
 
 
 def _xid_findings(history: Iterable[XidEvent], now: float) -> list[Finding]:
@@ -263,6 +281,11 @@ def _strongest(findings: Iterable[Finding]) -> tuple[str, str]:
 def diagnose(g: GpuSnapshot, history: Iterable[XidEvent] = (), prev: GpuSnapshot | None = None,
              seconds: float = 0.0, now: float = 0.0, escalations: Iterable[Finding] = ()) -> Diagnosis:
     """`escalations`: the incident history's findings (check "history"), see history.py."""
+    return _diagnose(g, history, prev, seconds, now, escalations, _snapshot_findings)
+
+
+def _diagnose(g: GpuSnapshot, history: Iterable[XidEvent], prev: GpuSnapshot | None, seconds: float, now: float,
+              escalations: Iterable[Finding], rules: Callable[[GpuSnapshot], list[Finding]]) -> Diagnosis:
     findings: list[Finding] = list(escalations)
     if not g.up and _v(g, "nvidia_gpu_released"):
         pass  # let go on the node agent's request (a GPU reset): not a fault; nvidia_gpu_released says so
@@ -273,7 +296,7 @@ def diagnose(g: GpuSnapshot, history: Iterable[XidEvent] = (), prev: GpuSnapshot
         findings.append(Finding("availability", "warning", "reset_gpu",
                                 "a driver call on this GPU hung past the deadline"))
     if g.up:
-        findings.extend(_snapshot_findings(g))
+        findings.extend(rules(g))
         findings.extend(_rate_findings(g, prev, seconds))
     findings.extend(_xid_findings(history, now))
     recovery = _v(g, "nvidia_gpu_recovery_action")

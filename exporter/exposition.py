@@ -1,7 +1,9 @@
-"""Snapshot -> Prometheus text format 0.0.4, as a pure function.
+"""Snapshot -> Prometheus text format 0.0.4.
 
-Label strings are built once per GPU and per label set and reused, so a scrape costs a dictionary
-walk and string joins, not a generic object model per sample.
+Label strings are built once per GPU and per label set and reused (memoised pure functions, keyed by
+value), so a scrape costs a dictionary walk and string joins, not a generic object model per sample.
+A `Renderer` (one per server) keeps, per GPU and family, the block it rendered last and reuses it while
+the family's values are the same mapping or compare equal: `render()` is that with a renderer of its own.
 """
 
 from __future__ import annotations
@@ -73,28 +75,9 @@ def _labelset(name: str, values: tuple[str, ...]) -> str:
     return "{" + ",".join(f'{n}="{escape(v)}"' for n, v in zip(labels, values, strict=True)) + "}"
 
 
-def _info_line(i: GpuIdentity, driver: str) -> bytes:
-    kept = _INFO.get(i.index)
-    if kept is None or kept[0] is not i or kept[1] != driver:  # (hashing the identity cost more than this)
-        vals = (i.name, i.pci_bus_id, i.serial, i.vbios_version, i.minor_number, driver)
-        line = f"nvidia_gpu_info{{{_gpu_labels(i.index, i.uuid)}{_extra_labels('nvidia_gpu_info', vals)}}} 1\n"
-        kept = _INFO[i.index] = (i, driver, line.encode())
-    return kept[2]
-
-
-_INFO: dict[int, tuple[GpuIdentity, str, bytes]] = {}  # GPU index -> the identity and driver of its line
-
-
 @lru_cache(maxsize=8192)
 def _up_line(index: int, uuid: str, up: bool) -> bytes:
     return f"nvidia_gpu_up{{{_gpu_labels(index, uuid)}}} {1 if up else 0}\n".encode()
-
-
-def _gpu_samples(name: str, gpus: tuple[GpuSnapshot, ...], driver: str) -> bytes:
-    """nvidia_gpu_info and nvidia_gpu_up, which come from the GPU's identity, not its values."""
-    if name == "nvidia_gpu_info":
-        return b"".join([_info_line(g.identity, driver) for g in gpus if g.identity.uuid])
-    return b"".join([_up_line(g.identity.index, g.identity.uuid, g.up) for g in gpus])
 
 
 def _exporter_samples(metric: Metric, snap: Snapshot, build: BuildInfo) -> Iterator[str]:
@@ -144,43 +127,87 @@ def _exporter_samples(metric: Metric, snap: Snapshot, build: BuildInfo) -> Itera
 
 
 def render(snap: Snapshot, build: BuildInfo) -> bytes:
-    return b"".join(render_chunks(snap, build))
+    """The page, by a renderer of its own (nothing kept from earlier pages)."""
+    return b"".join(Renderer().render_chunks(snap, build))
 
 
-def render_chunks(snap: Snapshot, build: BuildInfo) -> list[bytes]:
-    """The page as the pieces it is made of (mostly blocks kept from earlier scrapes), for a server
-    that can send them as they are, without copying them into one page first. This is the hot loop of
-    a scrape: a GPU's lines of a family are re-rendered only when that family's values changed."""
-    out: list[bytes] = []
-    append = out.append
-    gpus = snap.gpus
-    blocks = [_blocks_of(g.identity) for g in gpus]
-    for metric in ALL_METRICS:
-        name = metric.name
-        if name in _SPECIAL:
-            if metric.per_gpu:
-                text = _gpu_samples(name, gpus, snap.state.driver_version)
-            else:
-                text = "".join(_exporter_samples(metric, snap, build)).encode()
-            if text:
-                append(_header(metric))
-                append(text)
-            continue
-        header = len(out)
-        append(b"")  # the family's HELP and TYPE, once it has a sample
-        for g, kept in zip(gpus, blocks, strict=True):
-            series = g.values.get(name)
-            if not series:
+_Blocks = dict[str, tuple[Mapping[tuple[str, ...], float], bytes]]  # family -> the values rendered, the block
+
+
+class Renderer:
+    """Renders snapshots, keeping per GPU (index and uuid) and family the values a block was rendered
+    from, and the block, encoded. Most families of a GPU read the same from one scrape to the next (error
+    counters, limits, flags) and are reused whole; the values are compared by identity first, so this
+    relies on the no-mutation invariant (snapshot.py). Shared by the server's connection threads without a
+    lock: each entry is replaced whole (one dict store, atomic under the GIL), and two threads rendering
+    at once cost at most a block rendered twice."""
+
+    MAX_GPUS = 4096  # blocks kept for at most this many GPUs; more means GPUs came and went: start afresh
+
+    def __init__(self) -> None:
+        self._blocks: dict[tuple[int, str], _Blocks] = {}  # (index, uuid) -> the GPU's blocks
+        self._info: dict[int, tuple[GpuIdentity, str, bytes]] = {}  # index -> identity, driver, its info line
+
+    def render(self, snap: Snapshot, build: BuildInfo) -> bytes:
+        return b"".join(self.render_chunks(snap, build))
+
+    def render_chunks(self, snap: Snapshot, build: BuildInfo) -> list[bytes]:
+        """The page as the pieces it is made of (mostly blocks kept from earlier scrapes), for a server
+        that can send them as they are, without copying them into one page first. This is the hot loop of
+        a scrape: a GPU's lines of a family are re-rendered only when that family's values changed."""
+        out: list[bytes] = []
+        append = out.append
+        gpus = snap.gpus
+        blocks = [self._blocks_of(g.identity) for g in gpus]
+        for metric in ALL_METRICS:
+            name = metric.name
+            if name in _SPECIAL:
+                if metric.per_gpu:
+                    text = self._gpu_samples(name, gpus, snap.state.driver_version)
+                else:
+                    text = "".join(_exporter_samples(metric, snap, build)).encode()
+                if text:
+                    append(_header(metric))
+                    append(text)
                 continue
-            block = kept.get(name)
-            if block is None or (block[0] is not series and block[0] != series):  # compared as dicts, in C
-                block = kept[name] = (series, _render_block(name, g.identity, series))
-            append(block[1])
-        if len(out) > header + 1:
-            out[header] = _header(metric)
-        else:
-            out.pop()
-    return out
+            header = len(out)
+            append(b"")  # the family's HELP and TYPE, once it has a sample
+            for g, kept in zip(gpus, blocks, strict=True):
+                series = g.values.get(name)
+                if not series:
+                    continue
+                block = kept.get(name)
+                if block is None or (block[0] is not series and block[0] != series):  # compared as dicts, in C
+                    block = kept[name] = (series, _render_block(name, g.identity, series))
+                append(block[1])
+            if len(out) > header + 1:
+                out[header] = _header(metric)
+            else:
+                out.pop()
+        return out
+
+    def _blocks_of(self, identity: GpuIdentity) -> _Blocks:
+        key = (identity.index, identity.uuid)
+        kept = self._blocks.get(key)
+        if kept is None:
+            if len(self._blocks) >= self.MAX_GPUS:
+                self._blocks.clear()
+            kept = self._blocks[key] = {}
+        return kept
+
+    def _gpu_samples(self, name: str, gpus: tuple[GpuSnapshot, ...], driver: str) -> bytes:
+        """nvidia_gpu_info and nvidia_gpu_up, which come from the GPU's identity, not its values."""
+        if name == "nvidia_gpu_info":
+            return b"".join([self._info_line(g.identity, driver) for g in gpus if g.identity.uuid])
+        return b"".join([_up_line(g.identity.index, g.identity.uuid, g.up) for g in gpus])
+
+    def _info_line(self, i: GpuIdentity, driver: str) -> bytes:
+        kept = self._info.get(i.index)
+        if kept is None or kept[0] is not i or kept[1] != driver:  # (hashing the identity cost more than this)
+            vals = (i.name, i.pci_bus_id, i.serial, i.vbios_version, i.minor_number, driver)
+            line = f"nvidia_gpu_info{{{_gpu_labels(i.index, i.uuid)}{_extra_labels('nvidia_gpu_info', vals)}}} 1\n"
+            kept = self._info[i.index] = (i, driver, line.encode())
+        return kept[2]
 
 
 def _header(metric: Metric) -> bytes:
@@ -188,23 +215,6 @@ def _header(metric: Metric) -> bytes:
 
 
 _HEADERS = {m.name: f"# HELP {m.name} {m.help}\n# TYPE {m.name} {m.type}\n".encode() for m in ALL_METRICS}
-
-
-# Per GPU (index and uuid), per family: the values a block was rendered from, and the block, encoded.
-# Most families of a GPU read the same from one scrape to the next (error counters, limits, flags) and
-# are reused whole. The values are the snapshot's own mappings, which no stage changes once made.
-_BLOCKS: dict[tuple[int, str], dict[str, tuple[Mapping[tuple[str, ...], float], bytes]]] = {}
-_BLOCKS_MAX = 4096  # GPUs; more means GPUs came and went for a long time: start afresh
-
-
-def _blocks_of(identity: GpuIdentity) -> dict[str, tuple[Mapping[tuple[str, ...], float], bytes]]:
-    key = (identity.index, identity.uuid)
-    kept = _BLOCKS.get(key)
-    if kept is None:
-        if len(_BLOCKS) >= _BLOCKS_MAX:
-            _BLOCKS.clear()
-        kept = _BLOCKS[key] = {}
-    return kept
 
 
 def _render_block(name: str, identity: GpuIdentity, series: Mapping[tuple[str, ...], float]) -> bytes:

@@ -66,15 +66,16 @@ def watchdog_interval() -> float | None:
         return None
 
 
-class Watchdog:
-    """Pings WATCHDOG=1 only while `healthy()` holds, and keeps STATUS= up to date: a wedged driver
-    call stops the pings and systemd restarts the service."""
+class SystemdWatchdog:
+    """The systemd watchdog's pinger (WatchdogSec=; not the scheduler's hung-call watchdog): pings
+    WATCHDOG=1 only while `healthy()` holds, and keeps STATUS= up to date: a wedged driver call stops the
+    pings and systemd restarts the service."""
 
     def __init__(self, interval: float, healthy: Callable[[], tuple[bool, str]]):
         self._interval = interval
         self._healthy = healthy
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="watchdog", daemon=True)
+        self._thread = threading.Thread(target=self._run, name="sd-watchdog", daemon=True)
 
     def start(self) -> None:
         self._thread.start()

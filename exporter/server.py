@@ -7,10 +7,10 @@ import html
 import logging
 import socket
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from . import __version__
-from .exposition import CONTENT_TYPE, BuildInfo, render_chunks
+from .exposition import CONTENT_TYPE, BuildInfo, Renderer
 from .httpd import BadRequest, Exchange, Limits, Request, parse_head
 from .httpd import Server as HttpServer
 from .snapshot import Deliver, Snapshot
@@ -32,6 +32,7 @@ class App:
     # collect_into(timeout, deliver) -> whether this thread delivered (Collector.collect_into): a scrape
     # collected in the connection's own thread, delivered by another where a driver call holds it
     collect_into: Callable[[float, Deliver], bool] | None = None
+    renderer: Renderer = field(default_factory=Renderer)  # this server's: its caches are no one else's
 
     def scrape(self, timeout: float, deliver: Deliver) -> bool:
         if self.collect_into is None:
@@ -90,12 +91,12 @@ Metrics at <a href="{path}">{path}</a>.</p>
         path = request.path
         if path == self.telemetry_path:
             deadline = self.scrape_deadline(request.headers.get("x-prometheus-scrape-timeout-seconds"))
-            build = self.build
+            build, renderer = self.build, self.renderer
 
             def page(snap: Snapshot, taken_over: bool) -> None:
-                # Taken over (sent by the collector's watchdog while a driver call holds this connection's
+                # Taken over (sent by the collector's hung-call watchdog while a driver call holds this connection's
                 # thread), the connection closes: the client's next scrape must not wait on that thread.
-                ex.respond(200, render_chunks(snap, build), CONTENT_TYPE, close=taken_over)
+                ex.respond(200, renderer.render_chunks(snap, build), CONTENT_TYPE, close=taken_over)
 
             ex.ended = not self.scrape(deadline, page)
         elif path == "/":

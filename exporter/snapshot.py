@@ -1,13 +1,22 @@
 """Plain data produced by one collection: what every later stage (diagnosis, exposition) reads.
 
 Nothing here talks to NVML or knows about HTTP. Values are already in base units.
+
+The no-mutation invariant: a mapping, once in a snapshot (a GPU's values, each family's series), is never
+changed in place, by any stage, ever. A stage that needs other values makes a new mapping. The caches
+that keep a scrape cheap rely on it: they reuse what they made from a mapping while they are handed the
+same mapping again (the reader's unchanged readings, the diagnoser's verdicts, the renderer's blocks),
+so a mapping changed in place would be served as it was before, e.g. a GPU that turned critical would
+keep reading healthy. The frozen-readings test mode (`Freezer`; NodeReader and Pipeline `freeze=True`,
+the exporter with NVML_EXPORTER_FREEZE_READINGS=1) hands out read-only views, so that a change raises.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from types import MappingProxyType
+from typing import TYPE_CHECKING, cast
 
 if TYPE_CHECKING:
     from .diagnosis import Diagnosis
@@ -70,6 +79,28 @@ class Snapshot:
     state: ExporterState
     taken_at: float = 0.0  # monotonic time the collection finished
 
+
+class Freezer:
+    """The frozen-readings test mode of the no-mutation invariant (module doc) for one GPU: read-only
+    views (MappingProxyType) of its values' series, where a change raises TypeError. A series that is the
+    same mapping as last time gets the same view, so the caches' identity checks go as they would without
+    the views. The holder serialises calls (one GPU's read, or the pipeline's lock)."""
+
+    def __init__(self) -> None:
+        self._views: dict[str, tuple[Mapping[tuple[str, ...], float], Mapping[tuple[str, ...], float]]] = {}
+
+    def freeze(self, values: Mapping[str, Mapping[tuple[str, ...], float]]) -> Values:
+        """A new dict of read-only views of `values`' series (typed as Values: they read as the dicts they
+        wrap, and a write, the only difference, is what this mode is for)."""
+        out: dict[str, Mapping[tuple[str, ...], float]] = {}
+        views = self._views
+        for name, series in values.items():
+            kept = views.get(name)
+            if kept is None or kept[0] is not series:
+                kept = views[name] = (series, series if isinstance(series, MappingProxyType)
+                                      else MappingProxyType(series))
+            out[name] = kept[1]
+        return cast(Values, out)
 
 
 # Takes a collection's snapshot, and whether it was taken over from a thread a driver call holds.

@@ -19,6 +19,7 @@ from typing import Any
 
 import pytest
 
+from nvml_exporter.cli import FREEZE_ENV, build_collector
 from nvml_exporter.collector import Collector
 from nvml_exporter.nvml import Library
 from tests.fakenvml.scenario import LIBRARY, REPO, FakeNvml
@@ -46,10 +47,11 @@ def free_port() -> int:
 
 @contextlib.contextmanager
 def collector_over(fake: FakeNvml, monkeypatch: pytest.MonkeyPatch) -> Iterator[Collector]:
-    """The real collector, in this process, over the fake library, started and initialised."""
+    """The real collector, in this process, over the fake library, started and initialised, in the
+    frozen-readings test mode (snapshot.py: a stage that changes a reading in place raises)."""
     monkeypatch.setenv("FAKE_NVML_STATE", str(fake.state_path))
     ctypes.CDLL(str(LIBRARY), mode=ctypes.RTLD_GLOBAL)
-    collector = Collector(Library(str(LIBRARY)), min_interval=0.0, journal=False, events=False)
+    collector = build_collector(Library(str(LIBRARY)), min_interval=0.0, journal=False, events=False, freeze=True)
     collector.start()
     try:
         assert collector.initialised.wait(10)
@@ -115,6 +117,7 @@ def start_exporter(tmp_path: Path) -> Iterator[Callable[..., Exporter]]:
         port = free_port()
         log_path = tmp_path / f"exporter-{port}.log"
         full_env = {k: v for k, v in os.environ.items() if not k.startswith(("FAKE_NVML", "LD_LIBRARY_PATH"))}
+        full_env[FREEZE_ENV] = "1"  # the frozen-readings test mode (snapshot.py)
         if fake is not None:
             full_env.update(fake.env())
         full_env.update(env or {})

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from nvml_exporter.alarm import Alarm
 from nvml_exporter.snapshot import Snapshot
+from nvml_exporter.timer import ScrapeTimer
 from tests.conftest import collector_over, wait_for
 from tests.fakenvml.scenario import FakeNvml, h100_node
 
@@ -84,19 +84,19 @@ def test_a_call_hung_in_the_scrapes_thread_is_answered_by_the_watchdog_in_time(
         assert (taken_over, thread, snap.gpus[1].stale, snap.gpus[1].value(TEMP)) == (False, "MainThread", False, 80)
 
 
-def test_the_alarm_fires_once_when_set_and_not_once_cancelled() -> None:
-    alarm = Alarm()
+def test_the_scrape_timer_fires_once_when_set_and_not_once_cancelled() -> None:
+    timer = ScrapeTimer()
     try:
-        alarm.set(60)
-        assert select.select([alarm.fd], [], [], 0.2)[0] == []  # not before its time
-        alarm.set(0.05)  # set again: the new time replaces the old
-        assert select.select([alarm.fd], [], [], 5)[0] == [alarm.fd]
-        alarm.wait()  # (fired: reads at once)
-        assert select.select([alarm.fd], [], [], 0.2)[0] == []  # once
-        alarm.set(0.05)
-        alarm.cancel()
-        assert select.select([alarm.fd], [], [], 0.2)[0] == []
-        alarm.set(0)  # "now" fires at once rather than cancelling it
-        assert select.select([alarm.fd], [], [], 5)[0] == [alarm.fd]
+        timer.set(60)
+        assert select.select([timer.fd], [], [], 0.2)[0] == []  # not before its time
+        timer.set(0.05)  # set again: the new time replaces the old
+        assert select.select([timer.fd], [], [], 5)[0] == [timer.fd]
+        timer.wait()  # (fired: reads at once)
+        assert select.select([timer.fd], [], [], 0.2)[0] == []  # once
+        timer.set(0.05)
+        timer.cancel()
+        assert select.select([timer.fd], [], [], 0.2)[0] == []
+        timer.set(0)  # "now" fires at once rather than cancelling it
+        assert select.select([timer.fd], [], [], 5)[0] == [timer.fd]
     finally:
-        alarm.close()
+        timer.close()

@@ -219,7 +219,7 @@ def reader_profile(n: int = 200) -> tuple[list[str], dict[str, Any]]:
     import pynvml
 
     from nvml_exporter import nvml as nv
-    from nvml_exporter.collector import FAST_CALL, SLOW_FIELDS, sweepable
+    from nvml_exporter.scheduling import FAST_CALL, SLOW_FIELDS, sweepable
 
     lib = nv.Library()
     lib.init()

@@ -1,6 +1,7 @@
-"""A one-shot timer that a thread sleeps on (Linux timerfd). Setting and cancelling it are system calls
-that wake nobody: a scrape can put a watchdog on every collection for the price of two system calls,
-where handing the work to another thread costs two thread wake-ups (on a VM, tens of microseconds each)."""
+"""ScrapeTimer: a one-shot timer that a thread sleeps on (Linux timerfd), for the scheduler's hung-call
+watchdog. Setting and cancelling it are system calls that wake nobody: a scrape can put a watchdog on
+every collection for the price of two system calls, where handing the work to another thread costs two
+thread wake-ups (on a VM, tens of microseconds each)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import logging
 import os
 from typing import Any
 
-log = logging.getLogger("nvml_exporter.alarm")
+log = logging.getLogger("nvml_exporter.timer")
 
 _CLOCK_MONOTONIC = 1
 _TFD_CLOEXEC = 0o2000000
@@ -23,13 +24,13 @@ class _ITimerspec(ctypes.Structure):
     _fields_ = [("it_interval", _Timespec), ("it_value", _Timespec)]
 
 
-class Alarm:
+class ScrapeTimer:
     def __init__(self) -> None:
         libc = ctypes.CDLL(None, use_errno=True)
         fd = libc.timerfd_create(_CLOCK_MONOTONIC, _TFD_CLOEXEC)
         if fd < 0:
             raise OSError(ctypes.get_errno(), "timerfd_create failed")
-        self.fd = fd
+        self.fd: int = fd
         # timerfd_settime never blocks: called holding the GIL (PyDLL), as releasing it would invite a
         # thread switch on every collection.
         self._settime = ctypes.PyDLL(None, use_errno=True).timerfd_settime
@@ -37,8 +38,8 @@ class Alarm:
         self._on_ref, self._off_ref = ctypes.byref(self._on), ctypes.byref(self._off)
 
     @classmethod
-    def create(cls) -> Alarm | None:
-        """An alarm, or None where the C library has no timerfd (not Linux)."""
+    def create(cls) -> ScrapeTimer | None:
+        """A timer, or None where the C library has no timerfd (not Linux)."""
         try:
             return cls()
         except (OSError, AttributeError) as e:
@@ -59,7 +60,7 @@ class Alarm:
             raise OSError(ctypes.get_errno(), "timerfd_settime failed")
 
     def wait(self) -> None:
-        """Sleep until the alarm fires."""
+        """Sleep until the timer fires."""
         os.read(self.fd, 8)
 
     def close(self) -> None:
