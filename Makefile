@@ -29,6 +29,7 @@ $(FAKE): tests/fakenvml/fakenvml.c | deps
 
 lint: venv
 	$(BIN)/ruff check exporter tests dashboards bench rules
+	$(BIN)/mypy
 
 test: deps venv fakenvml lint
 	$(BIN)/python -m pytest -q
@@ -107,7 +108,7 @@ gpu-carry: build/cref/cref deps
 
 docs: venv
 	$(BIN)/python -m nvml_exporter.metrics > docs/metrics.md
-	$(BIN)/python -m nvml_exporter.xid > docs/xid-catalog.md
+	$(BIN)/python -m nvml_exporter.xidcatalog > docs/xid-catalog.md
 	$(BIN)/python dashboards/generate.py
 	$(BIN)/python rules/generate.py
 

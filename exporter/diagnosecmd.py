@@ -24,7 +24,7 @@ from .nvml import Library
 from .snapshot import GpuSnapshot, Snapshot
 from .workload import Tracker, wiring
 from .workload.processes import Processes
-from .xid import ACTIONS, SEVERITIES, lookup
+from .xidcatalog import ACTIONS, SEVERITIES, lookup
 from .xidstore import XidEvent
 
 EXIT = {"ok": 0, "warning": 1, "critical": 2, "unknown": 3}

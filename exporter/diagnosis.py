@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from .kernlog import location
 from .snapshot import GpuSnapshot
-from .xid import ACTIONS, DAY, REPEAT_RULES, count_bursts, lookup
+from .xidcatalog import ACTIONS, DAY, REPEAT_RULES, count_bursts, lookup
 from .xidstore import XidEvent
 
 CHECKS = ("availability", "memory", "thermal", "power", "pcie", "nvlink", "xid", "recovery_action", "history")

@@ -14,9 +14,7 @@ SQLite in WAL mode: a commit is atomic, a crash or power loss never leaves a tor
 older than the retention are deleted, and past `max_rows` the oldest go first. The rows of the
 retention window are also held in memory (at most `max_rows`), so a scrape never reads the disk.
 
-Escalation is data (ESCALATION_THRESHOLDS, NODE_RULE), in the catalog's style: the same fatal Xid on a GPU
-that came back after N resets or reboots goes to `rma_eval`; N incidents on the node within a window go
-to `contact_support`.
+What the rows call for is escalation.py's: data tables and one pure function over the rows.
 """
 
 from __future__ import annotations
@@ -28,12 +26,12 @@ import sqlite3
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
 
-from .xid import DAY, REPEAT_RULES, lookup
+from .escalation import NODE_RULE, REMAP_XIDS, Finding, Row, assess, cleared_at, is_incident
+from .xidcatalog import DAY, REPEAT_RULES, lookup
 
 log = logging.getLogger("nvml_exporter.history")
 
@@ -48,65 +46,9 @@ COMMIT_SECONDS = 0.2  # what is recorded is committed within this
 URGENT_COMMITS = 20  # new events a second committed the moment they are recorded
 KINDS = ("xid", "remap", "reset", "boot", "clear")
 
-# -- escalation, as data ----------------------------------------------------------------------------
-# Tiers whose Xids are incidents: they take a GPU out of service. Contained (94), application and
-# informational Xids are recorded for the repeat rules but are not incidents and never escalate.
-INCIDENT_TIERS = frozenset({"reset", "double_bit_ecc", "fell_off_bus", "nvlink", "mechanical"})
-REMAP_XIDS = frozenset({63, 64})  # row remapping: they feed the remap state, not the fatal path
-# tier or Xid -> resets or reboots the same Xid may come back after before the GPU goes to RMA evaluation;
-# None: never escalates. A code's own row wins over its tier's.
-ESCALATION_THRESHOLDS: dict[str | int, int | None] = {
-    "reset": 2, "double_bit_ecc": 2, "fell_off_bus": 2, "nvlink": 2, "mechanical": 2,
-    94: None,  # contained: the application died, the GPU is fine (gpud: never escalates)
-    63: None, 64: None,  # row remapping: pending remaps may happen several times before a failure
-    45: None,  # preemptive cleanup after another Xid
-}
-ESCALATION_WINDOW = 30 * DAY
-ESCALATION_ACTION = ("critical", "rma_eval")
-
-
-@dataclass(frozen=True)
-class NodeRule:
-    incidents: int
-    window_seconds: float
-    severity: str
-    action: str
-
-
-NODE_RULE = NodeRule(5, 7 * DAY, "critical", "contact_support")
 # A time-between-incidents histogram with few buckets (15 min ... 30 d): each is a series per GPU.
 INTERVAL_BUCKETS = (900.0, 3600.0, DAY, 7 * DAY, 30 * DAY)
 _RECORDED_CODES = frozenset().union(*(r.codes for r in REPEAT_RULES))
-
-
-def threshold(code: int) -> int | None:
-    if code in ESCALATION_THRESHOLDS:
-        return ESCALATION_THRESHOLDS[code]
-    return ESCALATION_THRESHOLDS.get(lookup(code).tier)
-
-
-def is_incident(kind: str, code: int) -> bool:
-    return kind == "xid" and lookup(code).tier in INCIDENT_TIERS
-
-
-@dataclass(slots=True)
-class Row:
-    id: int
-    uuid: str
-    kind: str
-    code: int
-    first_ts: float
-    last_ts: float
-    count: int
-    boot_id: str
-    detail: str
-
-
-@dataclass(frozen=True)
-class Finding:
-    status: str
-    action: str
-    reason: str
 
 
 def read_boot_id(path: str = BOOT_ID_PATH) -> str:
@@ -395,7 +337,7 @@ class History:
     def _node_incidents(self, now: float) -> list[Row]:
         out = []
         for rows in self._rows.values():
-            cleared = _cleared_at(rows)
+            cleared = cleared_at(rows)
             out += [r for r in rows if is_incident(r.kind, r.code) and r.first_ts > cleared
                     and now - r.last_ts <= NODE_RULE.window_seconds]
         return out
@@ -405,7 +347,7 @@ class History:
         for the repeat rules): a coalesced incident gives its first and its last time."""
         out = []
         with self._lock:
-            cleared = _cleared_at(self._rows.get(uuid, ()))
+            cleared = cleared_at(self._rows.get(uuid, ()))
             for r in self._rows.get(uuid, ()):
                 if r.kind in ("xid", "remap") and r.code and r.first_ts > cleared and since <= r.last_ts < before:
                     out.append((r.code, r.first_ts, r.detail))
@@ -440,48 +382,6 @@ def row_dict(r: Row) -> dict[str, object]:
 
 def _iso(ts: float) -> str:
     return datetime.fromtimestamp(ts, timezone.utc).isoformat(timespec="seconds")
-
-
-def _cleared_at(rows: Iterable[Row]) -> float:
-    return max((r.first_ts for r in rows if r.kind == "clear"), default=float("-inf"))
-
-
-def assess(uuid: str, rows: list[Row], node_incidents: list[Row], now: float) -> list[Finding]:
-    """Escalations due for one GPU, from its rows (with the node's boots) and the node's incidents."""
-    cleared = _cleared_at(rows)
-    rows = [r for r in rows if r.first_ts > cleared]
-    resets = [r for r in rows if r.kind == "reset"]
-    out: list[Finding] = []
-    by_code: dict[int, list[Row]] = {}
-    for r in rows:
-        if r.kind == "xid" and now - r.last_ts <= ESCALATION_WINDOW:
-            by_code.setdefault(r.code, []).append(r)
-    for code, incidents in sorted(by_code.items()):
-        limit = threshold(code)
-        if limit is None:
-            continue
-        # An epoch is the time between two remedies: a boot, or a reset of this GPU within the boot.
-        epochs = {(r.boot_id, sum(1 for s in resets if s.boot_id == r.boot_id and s.first_ts < r.first_ts))
-                  for r in incidents}
-        boots = len({b for b, _ in epochs})
-        remedies = len(epochs) - 1
-        if remedies >= limit:
-            x = lookup(code)
-            since = _day(min(r.first_ts for r in incidents))
-            out.append(Finding(*ESCALATION_ACTION,
-                               f"Xid {code} {x.name} came back after {remedies} GPU resets or reboots "
-                               f"({len(incidents)} incidents in {boots} boot(s) since {since}; limit {limit}): "
-                               f"resets are not fixing this GPU, evaluate it for RMA"))
-    if len(node_incidents) >= NODE_RULE.incidents and any(r.uuid == uuid for r in node_incidents):
-        gpus = len({r.uuid for r in node_incidents})
-        out.append(Finding(NODE_RULE.severity, NODE_RULE.action,
-                           f"{len(node_incidents)} incidents on this node's GPUs ({gpus} GPU(s)) within "
-                           f"{NODE_RULE.window_seconds / DAY:g} days (limit {NODE_RULE.incidents}): contact support"))
-    return out
-
-
-def _day(ts: float) -> str:
-    return datetime.fromtimestamp(ts, timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
 
 
 _SCHEMA = """

@@ -24,7 +24,7 @@ from .snapshot import Freezer, GpuSnapshot, Snapshot, Values
 from .sparse import Reveal, ZeroFirst
 from .thermal import NodeModel, sample_of
 from .workload import Tracker
-from .xid import DAY
+from .xidcatalog import DAY
 from .xidstore import XidEvent, XidStore
 
 log = logging.getLogger("nvml_exporter.pipeline")

@@ -22,7 +22,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from .xid import DAY
+from .xidcatalog import DAY
 
 DEDUPE_SECONDS = 30.0
 HISTORY_MAX = 512

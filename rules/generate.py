@@ -1,7 +1,7 @@
 """Writes the rule pack in this folder: `python rules/generate.py` (options: `--help`, docs/alerts.md).
 
 The alerts, their thresholds and the recording rules are tables here; the Xid codes of each tier and
-category come from the catalog (nvml_exporter/xid.py). Run with no options it writes the committed
+category come from the catalog (nvml_exporter/xidcatalog.py). Run with no options it writes the committed
 files: rules/nvml-exporter-alerts.yml, rules/nvml-exporter-records.yml and the Thanos Ruler variant
 rules/thanos/nvml-exporter-alerts.yml; tests check that they equal its output and that the pack keeps
 the structural rules below for any option.
@@ -28,7 +28,7 @@ from pathlib import Path
 
 import yaml
 
-from nvml_exporter.xid import CATALOG, CATEGORIES, tier_codes
+from nvml_exporter.xidcatalog import CATALOG, CATEGORIES, tier_codes
 
 HERE = Path(__file__).resolve().parent
 RUNBOOK_URL = "https://github.com/nvml-exporter/nvml-exporter/blob/main/docs/runbooks/{alertname}.md"

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from nvml_exporter import xid
+from nvml_exporter import xidcatalog
 from nvml_exporter.metrics import ALL_METRICS, NODE_GPU_FAMILIES, render_markdown
 from tests.fakenvml.scenario import REPO, SHIPPED_H100X8, h100_node, read_conf
 
@@ -27,4 +27,4 @@ def test_shipped_demo_scenario_is_the_generated_one() -> None:
 
 
 def test_xid_catalog_doc_is_generated() -> None:
-    assert (REPO / "docs" / "xid-catalog.md").read_text() == xid.render_markdown(), "run `make docs`"
+    assert (REPO / "docs" / "xid-catalog.md").read_text() == xidcatalog.render_markdown(), "run `make docs`"

@@ -12,11 +12,12 @@ from pathlib import Path
 
 import jsonschema
 
+from nvml_exporter import escalation
 from nvml_exporter import history as hist
 from nvml_exporter.diagnosis import diagnose
 from nvml_exporter.history import History
 from nvml_exporter.snapshot import GpuIdentity, GpuSnapshot
-from nvml_exporter.xid import DAY
+from nvml_exporter.xidcatalog import DAY
 from nvml_exporter.xidstore import XidEvent
 from tests.conftest import EXPORTER, free_port, require_tool, samples, wait_for
 from tests.fakenvml.scenario import REPO, FakeNvml
@@ -204,7 +205,7 @@ def test_the_same_fatal_xid_after_two_remedies_escalates_and_the_threshold_is_da
     assert (finding.status, finding.action) == ("critical", "rma_eval")
     assert "came back after 2 GPU resets or reboots" in finding.reason and "limit 2" in finding.reason
     assert actions(h, "GPU-1", T0 + 5000) == []  # another GPU's resets and Xids are its own
-    assert hist.threshold(48) == 2 and hist.threshold(94) is None and hist.threshold(63) is None
+    assert escalation.threshold(48) == 2 and escalation.threshold(94) is None and escalation.threshold(63) is None
 
 
 def test_xid94_repeats_never_escalate(tmp_path: Path) -> None:

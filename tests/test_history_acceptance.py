@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 from nvml_exporter import history as hist
-from nvml_exporter.xid import DAY
+from nvml_exporter.xidcatalog import DAY
 from tests.conftest import EXPORTER, Exporter, samples, wait_for
 from tests.fakenvml.scenario import REPO, FakeNvml
 from tests.journal import write_journal, xid_line

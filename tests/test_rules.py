@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 import yaml
 
-from nvml_exporter.xid import ACTIONS, CATALOG, CATEGORIES, tier_codes
+from nvml_exporter.xidcatalog import ACTIONS, CATALOG, CATEGORIES, tier_codes
 from tests.conftest import require_tool
 from tests.fakenvml.scenario import REPO
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from nvml_exporter.xid import ACTIONS, CATALOG, REPEAT_RULES, TIERS, count_bursts, lookup, tier_codes
+from nvml_exporter.xidcatalog import ACTIONS, CATALOG, REPEAT_RULES, TIERS, count_bursts, lookup, tier_codes
 from nvml_exporter.xidstore import HISTORY_MAX, XidEvent, XidStore
 from tests.fakenvml.scenario import REPO
 

@@ -211,9 +211,10 @@ def count_bursts(timestamps: Iterable[float]) -> int:
 
 
 def render_markdown() -> str:
-    """docs/xid-catalog.md (`python -m nvml_exporter.xid`)."""
+    """docs/xid-catalog.md (`python -m nvml_exporter.xidcatalog`)."""
     lines = ["# Xid catalog", "",
-             "Generated from `exporter/xid.py` by `python -m nvml_exporter.xid`; do not edit by hand.", "",
+             "Generated from `exporter/xidcatalog.py` by `python -m nvml_exporter.xidcatalog`; "
+             "do not edit by hand.", "",
              "| tier | severity | default action | meaning |", "|---|---|---|---|"]
     lines += [f"| {t} | {sev} | {act} | {text} |" for t, (sev, act, text) in TIERS.items()]
     lines += ["", "| Xid | name | category | tier | severity | action | NVIDIA immediate action |",
