@@ -461,10 +461,13 @@ def early_warning_groups(o: Options) -> list[Group]:
                   on_gpu("is {{ $value }} °C from its T.Limit, at or past the offset where hardware slowdown "
                          "starts (NVSentinel's rule)."), "1m"),
             Alert("GpuHwSlowdownFrequent",
-                  f'sum_over_time({o.m("nvidia_gpu_clock_event_active", "reason=" + q("hw_slowdown"))}[10m]) >= 6',
+                  # the share of the time, not of scrapes: the same at any scrape interval (gpud's 0.6 a
+                  # minute is 6 of the 40 scrapes of 10 minutes at 15 s: 15 %)
+                  f'avg_over_time({o.m("nvidia_gpu_clock_event_active", "reason=" + q("hw_slowdown"))}[10m]) '
+                  ">= 0.15",
                   "warning", "check_cooling", "A GPU keeps entering hardware slowdown.",
-                  on_gpu("was in hardware slowdown in {{ $value }} scrapes of the last 10 minutes (gpud: 0.6 a "
-                         "minute at a 15 s scrape): inspect it.")),
+                  on_gpu("was in hardware slowdown {{ $value | humanizePercentage }} of the last 10 minutes "
+                         "(gpud: 0.6 a minute at a 15 s scrape, 15 %): inspect it.")),
         ]),
         # Alerts held for 30 minutes to an hour: a 5-minute look is enough, and their per-GPU reads then
         # cost a fifth of what they would every minute.
