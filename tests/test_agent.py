@@ -184,7 +184,8 @@ def test_execute_xid79_drain_release_reset_confirm_restore_resume(fleet: Fleet) 
     f = fleet
     a, b = f.agent("node-a", "--execute"), f.agent("node-b", "--execute")
     f.fire("node-a")
-    wait_for(lambda: f.steps("node-a").get("resume_node") == "ok", timeout=90)
+    # (the resume is part of the reset step, whose own record comes when the step returns)
+    wait_for(lambda: f.steps("node-a").get("resume_node") == "ok" and "reset_gpu" in f.steps("node-a"), timeout=90)
     assert a.poll() is None and b.poll() is None
     st = f.steps("node-a")
     assert st["checkpoint_signal"] == "ok" and st["drain_node"] == "ok" and st["reset_gpu"] == "ok"
@@ -243,7 +244,9 @@ def test_failed_reset_restores_everything_and_escalates(fleet: Fleet) -> None:
     f.standin("reset_rc", "1")
     f.agent("node-a", "--execute")
     f.fire("node-a")
-    wait_for(lambda: f.steps("node-a").get("rma_eval") == "escalated", timeout=90)
+    # (the reset step's own record comes after the escalation it made, when the step returns)
+    wait_for(lambda: f.steps("node-a").get("rma_eval") == "escalated" and "reset_gpu" in f.steps("node-a"),
+             timeout=90)
     st = f.steps("node-a")
     assert st["reset_gpu"] == "failed" and st["reboot_node"] == "ok" and "resume_node" not in st
     assert ["systemctl", "reboot"] in calls(f.directory, "systemctl")
@@ -261,7 +264,9 @@ def test_unconfirmed_reset_escalates_without_reboot_unless_enabled(fleet: Fleet)
     f.standin("recovery_action", "Node Reboot Required")
     f.agent("node-a", "--execute")
     f.fire("node-a")
-    wait_for(lambda: f.steps("node-a").get("rma_eval") == "escalated", timeout=90)
+    # (the reset step's own record comes after the escalation it made, when the step returns)
+    wait_for(lambda: f.steps("node-a").get("rma_eval") == "escalated" and "reset_gpu" in f.steps("node-a"),
+             timeout=90)
     st = f.steps("node-a")
     assert st["reset_gpu"] == "failed" and st["reboot_node"] == "skipped"
     reset = next(r for r in f.audit("node-a") if r.get("step") == "reset_gpu")
