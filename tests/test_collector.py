@@ -100,3 +100,23 @@ def test_the_scrape_timer_fires_once_when_set_and_not_once_cancelled() -> None:
         assert select.select([timer.fd], [], [], 5)[0] == [timer.fd]
     finally:
         timer.close()
+
+
+def test_bindings_without_an_entry_point_lose_that_reading_only(tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    # nvidia-ml-py 12.535.108, the floor pyproject allows, has neither nvmlDeviceGetMarginTemperature nor
+    # NVMLLibraryMismatchError: the GPUs are read all the same, without the margin.
+    import pynvml
+
+    monkeypatch.delattr(pynvml, "nvmlDeviceGetMarginTemperature")
+    monkeypatch.delattr(pynvml, "NVMLLibraryMismatchError")
+    from nvml_exporter.nvml import reader
+
+    monkeypatch.setattr(reader, "_MISSING", (AttributeError, AttributeError), raising=False)  # (as computed there)
+    fake = FakeNvml(tmp_path / "nvml", h100_node(2))
+    with collector_over(fake, monkeypatch) as collector:
+        snap = collector.collect(5.0)
+    assert [g.up for g in snap.gpus] == [True, True]
+    for g in snap.gpus:
+        assert g.value(TEMP) is not None and g.value("nvidia_gpu_memory_used_bytes") is not None
+        assert "nvidia_gpu_temperature_margin_celsius" not in g.values

@@ -47,6 +47,16 @@ THRESHOLDS: tuple[tuple[int, str], ...] = (
 MAX_NVLINKS = 36  # NVML_NVLINK_MAX_LINKS in API 13; older boards stop answering earlier
 
 
+# The bindings or the driver lack an entry point. nvidia-ml-py 12.535.108 (pyproject's floor) has neither
+# nvmlDeviceGetMarginTemperature nor NVMLLibraryMismatchError: looked up only when called, both count as
+# FUNCTION_NOT_FOUND (not supported, never asked again) instead of failing the GPU's read.
+_MISSING = (getattr(pynvml, "NVMLLibraryMismatchError", AttributeError), AttributeError)
+
+
+def _margin_temperature(handle: Any) -> int:
+    return int(pynvml.nvmlDeviceGetMarginTemperature(handle))
+
+
 class GpuReader:
     """Reads one GPU through its NVML handle. Not thread-safe: one collection at a time per GPU."""
 
@@ -82,7 +92,7 @@ class GpuReader:
             return result
         except pynvml.NVMLError as e:
             return self._failed(key, e.value)
-        except (pynvml.NVMLLibraryMismatchError, AttributeError):
+        except _MISSING:
             return self._failed(key, FUNCTION_NOT_FOUND)  # the bindings or the driver lack this entry point
 
     def _failed(self, key: str, code: int) -> Any:
@@ -219,7 +229,7 @@ class GpuReader:
             values["nvidia_gpu_memory_free_bytes"] = {(): float(mem.free)}
             values["nvidia_gpu_memory_reserved_bytes"] = {(): float(mem.reserved)}
         # The signed distance below T.Limit (nvmlDeviceGetMarginTemperature, nvmlMarginTemperature_v1_t)
-        margin = call("nvmlDeviceGetMarginTemperature", pynvml.nvmlDeviceGetMarginTemperature, self.handle)
+        margin = call("nvmlDeviceGetMarginTemperature", _margin_temperature, self.handle)
         if margin is not FAILED:
             values["nvidia_gpu_temperature_margin_celsius"] = {(): float(margin)}
         mask = call("nvmlDeviceGetCurrentClocksEventReasons", g.clock_events)
