@@ -55,9 +55,7 @@ class Collector:
         self.expected_gpus = expected_gpus
         self._clock = clock
         self._wall = wall
-        self._read = node.read
-        # (reads late-bound through self._read_gpu: a test wraps it to see which thread reads)
-        self._scheduler: Scheduler[Gpu] = Scheduler(node.gpus, lambda gpu: self._read_gpu(gpu), self._snapshot,
+        self._scheduler: Scheduler[Gpu] = Scheduler(node.gpus, node.read, self._snapshot,
                                                     min_interval=min_interval, clock=clock)
         self.initialised = node.initialised  # NVML came up at least once, its GPUs attached (readiness)
         self.tried = node.tried  # the first init attempt finished, either way
@@ -118,9 +116,6 @@ class Collector:
         self.settled.wait(timeout / 2)
         return max(0.0, timeout - (self._clock() - began))
 
-    def _read_gpu(self, gpu: Gpu) -> None:
-        self._read(gpu)
-
     def _snapshot(self, stale: set[int]) -> Snapshot:
         """The scheduler's: the GPUs as last read, through the pipeline."""
         gpus, status = self._node.raw(stale)
@@ -169,12 +164,6 @@ class Collector:
     # -- for the Xid sources, the workload sources and systemd ------------------------------------------
     def attached(self) -> dict[str, Any]:
         return self._node.attached()
-
-    def resolve_pci(self, key: tuple[int, int, int]) -> str | None:
-        return self._node.resolve_pci(key)
-
-    def count_error(self, function: str, code: int) -> None:
-        self._node.count_error(function, code)
 
     def health(self, max_hang: float) -> tuple[bool, str]:
         return self._node.health(max_hang)

@@ -30,9 +30,10 @@ def test_a_scrape_reads_fast_gpus_in_its_own_thread(tmp_path: Path, monkeypatch:
     with collector_over(FakeNvml(tmp_path / "nvml", h100_node(4)), monkeypatch) as collector:
         collector.collect(5.0)  # the first reads learn that this driver answers in microseconds
         readers: list[str] = []
-        read = collector._read_gpu
-        monkeypatch.setattr(collector, "_read_gpu", lambda gpu: (readers.append(threading.current_thread().name),
-                                                                 read(gpu)))
+        scheduler = collector._scheduler
+        read = scheduler._read
+        monkeypatch.setattr(scheduler, "_read", lambda gpu: (readers.append(threading.current_thread().name),
+                                                             read(gpu)))
         delivered = Deliveries()
         assert collector.collect_into(5.0, delivered)
         assert readers == ["MainThread"] * 4  # no hand-off to another thread, and back, per scrape
