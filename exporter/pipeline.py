@@ -68,8 +68,10 @@ class Pipeline:
         """The diagnosed snapshot of `raw` (whose GPU values are as read), at wall time `now`, monotonic
         `mono`. Nothing of `raw` is changed (snapshot.py)."""
         with self._lock:
-            extra = self._model(raw.gpus, mono)
-            gpus = tuple(self._diagnosed(g, now, mono, extra.get(g.identity.uuid)) for g in raw.gpus)
+            # once per GPU and collection: it advances the zero-first reveal of new Xid series (xidstore.py)
+            xids = {g.identity.uuid: self.xids.series(g.identity.uuid) for g in raw.gpus if g.identity.uuid}
+            extra = self._model(raw.gpus, mono, xids)
+            gpus = tuple(self._diagnosed(g, now, mono, xids, extra.get(g.identity.uuid)) for g in raw.gpus)
         return Snapshot(gpus=gpus, state=raw.state, taken_at=raw.taken_at)
 
     def served_timeouts(self, timeouts: Mapping[str, int], mono: float) -> dict[str, int]:
@@ -77,18 +79,20 @@ class Pipeline:
         with self._lock:
             return self._timeouts_served.served(timeouts, mono)
 
-    def _model(self, base: tuple[GpuSnapshot, ...], mono: float) -> dict[str, Values]:
+    def _model(self, base: tuple[GpuSnapshot, ...], mono: float,
+               xids: Mapping[str, Mapping[int, tuple[float, float]]]) -> dict[str, Values]:
         """The thermal model and risk series of the GPUs that answered (thermal.py)."""
         if self._peers is None:
             return {}
         samples = []
         for g in base:  # (a stale GPU's last good values count again: its series do not come and go)
             if g.up and g.identity.uuid:
-                xids = {code: count for code, (count, _) in self.xids.series(g.identity.uuid).items()}
-                samples.append(sample_of(g.identity.uuid, g.identity.name, g.values, xids))
+                counts = {code: count for code, (count, _) in xids[g.identity.uuid].items()}
+                samples.append(sample_of(g.identity.uuid, g.identity.name, g.values, counts))
         return self._peers.update(mono, samples)
 
-    def _diagnosed(self, g: GpuSnapshot, now: float, mono: float, extra: Values | None = None) -> GpuSnapshot:
+    def _diagnosed(self, g: GpuSnapshot, now: float, mono: float,
+                   xids: Mapping[str, Mapping[int, tuple[float, float]]], extra: Values | None = None) -> GpuSnapshot:
         """Add Xid series and the diagnosis; these stay on the page while the GPU is lost."""
         uuid = g.identity.uuid
         if not uuid:
@@ -107,7 +111,7 @@ class Pipeline:
             values["nvidia_gpu_incidents_total"] = view.incidents
             if view.intervals:  # (from a GPU's second incident on: few series on healthy GPUs)
                 values["nvidia_gpu_incident_interval_seconds"] = view.intervals
-        for code, (count, last) in sorted(self.xids.series(uuid).items()):
+        for code, (count, last) in sorted(xids[uuid].items()):
             values.setdefault("nvidia_gpu_xid_errors_total", {})[(str(code),)] = count
             values.setdefault("nvidia_gpu_xid_last_timestamp_seconds", {})[(str(code),)] = last
         for name, count in sorted(self.xids.events(uuid).items()):
