@@ -32,7 +32,6 @@ RATE_TAU = 3600.0  # s: counter rates over about the last hour
 XID_TAU = 12 * 3600.0  # s: Xid counts over about the last half day
 BASELINE_TAU = 24 * 3600.0  # s: a GPU's own usual temperature deviation
 XID_CODES = (13, 31, 43)
-REASONS = ("temperature", "clocks", "ecc", "pcie", "xid", "remap_pending")
 
 SCORE = "nvidia_gpu_risk_score"
 REASON = "nvidia_gpu_risk_reason"
@@ -164,7 +163,3 @@ class RiskTracker:
             out[g.uuid] = {SCORE: {(): round(1.0 - keep, 3)},
                            REASON: {(reason,): round(v, 3) for reason, v in components.items()}}
         return out
-
-    def forget(self, keep: set[str]) -> None:
-        for uuid in [u for u in self._state if u not in keep]:
-            del self._state[uuid]

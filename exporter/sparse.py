@@ -14,7 +14,6 @@ is served as it is at once.
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Mapping
 
 from .metrics import COUNTER, GPU_METRICS
@@ -99,7 +98,6 @@ class Reveal:
         self._generation = 0  # grows whenever a series or link is shown
         self._links_seen: tuple[Series | None, Series | None] = (None, None)
         self._kept: dict[str, tuple[Series, int, dict[tuple[str, ...], float]]] = {}
-        self._lock = threading.Lock()  # a scrape that stops waiting for a collection makes a snapshot too
 
     @property
     def links(self) -> frozenset[str]:
@@ -107,15 +105,15 @@ class Reveal:
         return frozenset(self._links)
 
     def apply(self, values: Values, now: float, up: bool) -> None:
-        """Filter one snapshot's values of a GPU in place (a dict of its own; the mappings are not changed)."""
-        with self._lock:
-            self._faulty_links(values.get(LINK_UP), values.get(LINK_ERRORS))
-            for name, counter in SPARSE.items():
-                self._filter(values, name, now, counter, None)
-            self._filter(values, LINK_UP, now, False, 0)
-            self._filter(values, LINK_ERRORS, now, True, 0)
-            if up:
-                self._started = True  # what is non-zero from now on is news, not history
+        """Filter one snapshot's values of a GPU in place (a dict of its own; the mappings are not changed).
+        Not thread-safe: its owner (the pipeline) calls it under its lock."""
+        self._faulty_links(values.get(LINK_UP), values.get(LINK_ERRORS))
+        for name, counter in SPARSE.items():
+            self._filter(values, name, now, counter, None)
+        self._filter(values, LINK_UP, now, False, 0)
+        self._filter(values, LINK_ERRORS, now, True, 0)
+        if up:
+            self._started = True  # what is non-zero from now on is news, not history
 
     def _faulty_links(self, up: Series | None, errors: Series | None) -> None:
         if up is self._links_seen[0] and errors is self._links_seen[1]:

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import math
 import statistics
-import threading
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
@@ -116,19 +115,16 @@ class _Gpu:
 
 class NodeModel:
     """The node's GPUs' thermal and DVFS fits, their peer deviations and risk scores. One instance per
-    exporter; `update` is called with every collection's GPUs and returns the series to add per UUID."""
+    exporter; `update` is called with every collection's GPUs and returns the series to add per UUID.
+    Not thread-safe: its owner (the pipeline) calls it under its lock."""
 
     def __init__(self) -> None:
         self._gpus: dict[str, _Gpu] = {}
         self.risk = RiskTracker()
         self._out: dict[str, Values] = {}
-        self._lock = threading.Lock()  # (a collection and a one-shot collect() may meet here)
 
     def update(self, now: float, samples: Iterable[Sample]) -> dict[str, Values]:
-        with self._lock:
-            return self._update(now, list(samples))
-
-    def _update(self, now: float, batch: list[Sample]) -> dict[str, Values]:
+        batch = list(samples)
         took = False
         for s in batch:
             g = self._gpus.get(s.uuid)
@@ -190,13 +186,6 @@ class NodeModel:
         for uuid, series in self.risk.update(now, inputs).items():
             out.setdefault(uuid, {}).update(series)
         return out
-
-    def forget(self, keep: Iterable[str]) -> None:
-        """Drop the state of GPUs no longer on the node (a GPU replaced in a running exporter)."""
-        keep = set(keep)
-        for uuid in [u for u in self._gpus if u not in keep]:
-            del self._gpus[uuid]
-        self.risk.forget(keep)
 
 
 def _at(g: _Gpu, power: float) -> float:
