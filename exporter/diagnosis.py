@@ -2,7 +2,7 @@
 `Diagnoser` that does the same with its own cache of the snapshot rules' findings (one per pipeline).
 
 Each check is ok, warning or critical with a reason a person can read and one action from
-xid.ACTIONS. The conditions are rows of tables, not branches: a row names the check, what it looks
+xidcatalog.ACTIONS. The conditions are rows of tables, not branches: a row names the check, what it looks
 at, the limit, the severity and the action. Thresholds come from NVIDIA's and DCGM's guidance
 (NVML and DCGM documentation; the checks and their limits: docs/diagnosis.md).
 """

@@ -37,6 +37,8 @@ class NodeRule:
 
 
 NODE_RULE = NodeRule(5, 7 * DAY, "critical", "contact_support")
+
+
 def threshold(code: int) -> int | None:
     if code in ESCALATION_THRESHOLDS:
         return ESCALATION_THRESHOLDS[code]

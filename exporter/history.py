@@ -44,7 +44,6 @@ RETENTION_SECONDS = 90 * DAY
 MAX_ROWS = 10_000  # ~1.5 MB of file, a few MB in memory; a storm of distinct incidents keeps the newest
 COMMIT_SECONDS = 0.2  # what is recorded is committed within this
 URGENT_COMMITS = 20  # new events a second committed the moment they are recorded
-KINDS = ("xid", "remap", "reset", "boot", "clear")
 
 # A time-between-incidents histogram with few buckets (15 min ... 30 d): each is a series per GPU.
 INTERVAL_BUCKETS = (900.0, 3600.0, DAY, 7 * DAY, 30 * DAY)

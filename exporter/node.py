@@ -12,6 +12,7 @@ read happens, and on which thread, the scheduler's (scheduling.py); what the rea
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
@@ -237,7 +238,7 @@ class Node:
             for index, uuid in at.items():
                 g = by_uuid.get(uuid) if uuid else None
                 if g is not None and g.identity.index != index:
-                    g.identity = GpuIdentity(**{**g.identity.__dict__, "index": index})
+                    g.identity = dataclasses.replace(g.identity, index=index)
                     moved.append((uuid, index))
             if known == 0:  # the first enumeration: by index (a GPU lost at start has no UUID yet)
                 self._gpus.extend(Gpu(index=i, identity=GpuIdentity(index=i, uuid="")) for i in range(count))

@@ -6,6 +6,7 @@ node's (node.py)."""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import threading
@@ -134,7 +135,7 @@ class GpuReads:
         reader = GpuReader(handle, functools.partial(self._reading_failed, gpu))
         identity = reader.read_identity()
         if identity.index < 0:
-            identity = GpuIdentity(**{**identity.__dict__, "index": gpu.index})
+            identity = dataclasses.replace(identity, index=gpu.index)
         static = self._sanitize(reader.read_static())
         with self._lock:
             was_lost = bool(gpu.identity.uuid)

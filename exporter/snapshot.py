@@ -7,7 +7,7 @@ changed in place, by any stage, ever. A stage that needs other values makes a ne
 that keep a scrape cheap rely on it: they reuse what they made from a mapping while they are handed the
 same mapping again (the reader's unchanged readings, the diagnoser's verdicts, the renderer's blocks),
 so a mapping changed in place would be served as it was before, e.g. a GPU that turned critical would
-keep reading healthy. The frozen-readings test mode (`Freezer`; NodeReader and Pipeline `freeze=True`,
+keep reading healthy. The frozen-readings test mode (`Freezer`; GpuReads and Pipeline `freeze=True`,
 the exporter with NVML_EXPORTER_FREEZE_READINGS=1) hands out read-only views, so that a change raises.
 """
 
