@@ -9,7 +9,7 @@ from typing import NoReturn
 
 from .webconfig import parse_listen_address
 
-_DURATION = re.compile(r"^(?:(\d+(?:\.\d+)?)(ms|s|m|h|d))+$")
+_DURATION = re.compile(r"(?:(\d+(?:\.\d+)?)(ms|s|m|h|d))+")  # fullmatch: `$` would pass a final newline
 _PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
 _UNIT = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 
@@ -24,7 +24,7 @@ def duration(value: str) -> float:
     try:
         seconds = float(value)
     except ValueError:
-        if not _DURATION.match(value):
+        if not _DURATION.fullmatch(value):
             raise argparse.ArgumentTypeError(f"invalid duration {value!r} (want e.g. 5s, 500ms, 1m)") from None
         seconds = sum(float(n) * _UNIT[u] for n, u in _PART.findall(value))
     if not seconds > 0:

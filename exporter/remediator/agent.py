@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import signal
 import socket
 import ssl
@@ -123,7 +122,7 @@ def as_payload(alerts: list[dict[str, Any]]) -> dict[str, Any]:
 
 def serve_agent(argv: Sequence[str]) -> int:
     from ..argtypes import Parser, duration
-    from .cli import _policy
+    from .cli import load_policy
 
     p = Parser(prog="nvml-remediator agent", description=__doc__.splitlines()[0], allow_abbrev=False)
     p.add_argument("--config", required=True, help="policy file (YAML), with a node_agent: section")
@@ -149,7 +148,7 @@ def serve_agent(argv: Sequence[str]) -> int:
     for url in args.urls:
         if urllib.parse.urlsplit(url).scheme not in ("http", "https"):
             p.error(f"--alertmanager.url: want http:// or https://, not {url!r}")
-    policy = _policy(p, args.config)
+    policy = load_policy(p, args.config)
     if policy.agent is None:
         p.error(f"{args.config}: no node_agent: section (the agent runs the node-local steps it describes)")
     missing = policy_mod.agent_commands(policy)
@@ -166,7 +165,7 @@ def serve_agent(argv: Sequence[str]) -> int:
         store, audit = open_state(args.storage, STATE_FILE, args.audit_log, health)
     except StorageError as e:
         p.error(str(e))
-    runner = Runner({"PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"), "LANG": "C.UTF-8"})
+    runner = Runner()
     engine = Engine(policy, store, audit, execute=args.execute, runner=runner, workers=1, role="agent")
     steps = NodeSteps(engine, args.storage)
     engine.node_steps = steps

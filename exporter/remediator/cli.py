@@ -30,9 +30,8 @@ from typing import Any
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, generate_latest
 
 from .. import __version__, logs, webconfig
-from ..argtypes import Parser, duration, positive_int
+from ..argtypes import Parser, duration, listen_address, positive_int
 from ..httpd import TEXT, Exchange, Limits, Server
-from ..webconfig import parse_listen_address
 from . import policy as policy_mod
 from .engine import Engine, Runner, resume
 from .plan import PayloadError, plan
@@ -228,7 +227,7 @@ def _loopback(host: str) -> bool:
 def serve(argv: Sequence[str]) -> int:
     p = Parser(prog="nvml-remediator", description=__doc__.splitlines()[0], allow_abbrev=False)
     p.add_argument("--config", required=True, help="policy file (YAML)")
-    p.add_argument("--web.listen-address", dest="listen", default="127.0.0.1:9401")
+    p.add_argument("--web.listen-address", dest="listen", type=listen_address, default="127.0.0.1:9401")
     p.add_argument("--web.config.file", dest="web_config",
                    help="TLS / mTLS (client_auth_type) in exporter-toolkit form")
     p.add_argument("--web.max-request-bytes", dest="max_bytes", type=positive_int, default=1 << 20,
@@ -248,11 +247,8 @@ def serve(argv: Sequence[str]) -> int:
     p.add_argument("--log.format", dest="log_format", choices=("logfmt", "json"), default="logfmt")
     args = p.parse_args(argv)
     logs.setup(args.log_level, args.log_format, "nvml-remediator")
-    try:
-        host, port = parse_listen_address(args.listen)
-    except ValueError as e:
-        p.error(str(e))
-    policy = _policy(p, args.config)
+    host, port = args.listen
+    policy = load_policy(p, args.config)
     try:
         web = webconfig.load(args.web_config) if args.web_config else webconfig.WebConfig()
     except webconfig.WebConfigError as e:
@@ -274,7 +270,7 @@ def serve(argv: Sequence[str]) -> int:
         store, audit = open_state(args.storage, STATE_FILE, args.audit_log, health)
     except StorageError as e:
         p.error(str(e))
-    runner = Runner({"PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"), "LANG": "C.UTF-8"})
+    runner = Runner()
     engine = Engine(policy, store, audit, execute=args.execute, runner=runner, workers=args.workers,
                     on_outcome=lambda action, result: metrics.actions.labels(action, result).inc())
     app = App(engine, metrics, token, web)
@@ -314,7 +310,7 @@ def serve(argv: Sequence[str]) -> int:
     return 0
 
 
-def _policy(p: argparse.ArgumentParser, path: str) -> policy_mod.Policy:
+def load_policy(p: argparse.ArgumentParser, path: str) -> policy_mod.Policy:
     """The policy, valid and with every command it needs on this host, or one line and exit 2."""
     try:
         policy = policy_mod.load(path)
@@ -330,7 +326,7 @@ def check_config(argv: Sequence[str]) -> int:
     p = Parser(prog="nvml-remediator check-config", allow_abbrev=False)
     p.add_argument("file")
     args = p.parse_args(argv)
-    policy = _policy(p, args.file)
+    policy = load_policy(p, args.file)
     print(f"{args.file}: OK, {len(policy.rules)} rule(s), scheduler {policy.scheduler}")
     return 0
 
@@ -341,8 +337,8 @@ def resume_node(argv: Sequence[str]) -> int:
     p.add_argument("--config", required=True)
     p.add_argument("node")
     args = p.parse_args(argv)
-    policy = _policy(p, args.config)
-    ok, message = resume(policy, args.node, Runner({"PATH": os.environ.get("PATH", "/usr/bin:/bin")}))
+    policy = load_policy(p, args.config)
+    ok, message = resume(policy, args.node, Runner())
     print(message)
     return 0 if ok else 1
 

@@ -52,11 +52,16 @@ class LocalSteps(Protocol):
     def reset(self, job: Job, uuid: str) -> Outcome: ...
 
 
+def command_env() -> dict[str, str]:
+    """The environment every command runs in (and no more of ours): the PATH, and a stable locale."""
+    return {"PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"), "LANG": "C.UTF-8"}
+
+
 class Runner:
     """Runs one argv with a timeout; the whole process group is killed when it runs over."""
 
-    def __init__(self, env: Mapping[str, str]):
-        self._env = dict(env)
+    def __init__(self, env: Mapping[str, str] | None = None):
+        self._env = command_env() if env is None else dict(env)
 
     def __call__(self, argv: list[str], timeout: float, env: Mapping[str, str] | None = None) -> Outcome:
         started = time.monotonic()

@@ -22,7 +22,7 @@ from typing import Any
 
 from .. import control
 from . import policy as policy_mod
-from .engine import Engine, Outcome, resume
+from .engine import Engine, Outcome, command_env, resume
 from .store import Job
 
 log = logging.getLogger("nvml_remediator.agent")
@@ -50,7 +50,7 @@ class NodeSteps:
         started = time.monotonic()
         try:
             r = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, timeout=self.policy.timeout(step),
-                               env={"PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"), "LANG": "C.UTF-8"})
+                               env=command_env())
         except subprocess.TimeoutExpired:
             return Outcome("timeout", [argv], reason=f"killed after {self.policy.timeout(step):g}s")
         except OSError as e:
@@ -243,7 +243,8 @@ class NodeSteps:
                         problems.append(f"start {unit}: {o.rc}")
             if left.get("released"):
                 try:
-                    control.request(self.agent.exporter_socket, "reacquire", timeout=30)
+                    control.request(self.agent.exporter_socket, "reacquire",
+                                    timeout=self.policy.timeout("reset_gpu"))  # (as _restore does)
                 except control.ControlError as e:
                     problems.append(str(e))
         self.engine.audit.write("reset_recovered", uuid=left.get("uuid", ""), stopped=left.get("stopped", []),
