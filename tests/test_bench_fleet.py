@@ -141,6 +141,8 @@ def test_fleet_of_five_nodes_on_prometheus_and_victoriametrics(tmp_path: Path) -
     per_rule = run["prometheus"]["rules_last"]
     assert per_rule["bench-canary"]["bench:canary:duplicate"]["health"] == "err"
     assert shipped <= set(per_rule)
+    assert all(r["health"] == "ok" and isinstance(r["seconds"], (int, float))
+               for group in shipped for r in per_rule[group].values()), "each rule's evaluation time was read"
     assert run["prometheus"]["fleet_series"] == want
     assert run["prometheus"]["head_series"] > want  # plus up/scrape_* and the records
     assert run["victoriametrics"]["series"] > want
@@ -150,6 +152,7 @@ def test_fleet_of_five_nodes_on_prometheus_and_victoriametrics(tmp_path: Path) -
     report = subprocess.run([sys.executable, str(REPO / "bench" / "fleet.py"), "--report", f"--out={out}"],
                             capture_output=True, text=True, check=True).stdout
     assert "### smoke: 5 nodes, 40 GPUs" in report and "| bench-canary | 2 s | 1 |" in report
+    assert "Costliest rules on Prometheus" in report
 
 
 def test_performance_doc_shows_the_committed_fleet_results() -> None:

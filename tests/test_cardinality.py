@@ -42,6 +42,7 @@ def test_demo_page_is_within_the_budget(tmp_path, start_exporter, history: bool)
     gpus = int(fake.state["gpu_count"])
     flags = [f"--history.path={tmp_path / 'history.sqlite'}"] if history else []
     exp = start_exporter(fake, *flags, wait_ready=True)
+    assert (tmp_path / "history.sqlite").exists() == history  # (the history was really on)
     page = str(wait_for(lambda: (p := exp.metrics()) and "nvml_exporter_journal_up" in p and p))
     counts = families(page)
     report = table(counts, gpus)

@@ -36,6 +36,12 @@ def test_every_alert_about_one_gpu_names_its_jobs() -> None:
     assert not missing, f"alerts about one GPU without the workloads annotation: {missing}"
     node_level = [r["alert"] for g in alert_rules()["groups"] if g["name"] in NODE_GROUPS for r in g["rules"]]
     assert node_level and all(name not in about_a_gpu for name in node_level)
+    # every other alert is about a node, a switch or the rule engine, by name: a new per-GPU alert whose
+    # description forgot the uuid cannot slip past the check above
+    others = {r["alert"] for g in alert_rules()["groups"] for r in g["rules"] if "alert" in r} - set(about_a_gpu)
+    assert others == {"GpuMissing", "NvmlExporterDown", "NvmlDown", "NvmlCollectionTimeouts", "NvmlCallsFailing",
+                      "GpuNodeIncidentsContactSupport", "NvswitchSxidErrors", "NvmlRuleEvaluationFailures",
+                      "NvmlRuleGroupSlow", "GpuGoneFromNvml", "GpuCountBelowExpected"}
 
 
 def test_promtool_the_xid79_alert_names_the_jobs_on_its_gpu(tmp_path: Path) -> None:
